@@ -1,0 +1,1 @@
+"""How skustudio reaches Ray: local start or an existing cluster, and resource planning."""

@@ -1,0 +1,1 @@
+"""Image operations for skustudio. No Ray imports here: the pipeline decides placement."""

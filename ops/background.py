@@ -1,0 +1,164 @@
+"""Classical background removal: GrabCut seeded from the border and a saliency map, then
+edge refinement with a guided filter. Produces the product mask (255 = product) that
+compose, crop and the fidelity scores use; the pixels are left as they are."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from pydantic import Field
+
+from ops.base import Item, Op, OpConfig, OpInputError, has_mask
+from ops.registry import register
+
+
+class RemoveBackgroundConfig(OpConfig):
+    work_side: int = Field(512, ge=128, le=2048, description="GrabCut runs at this longer side, then the mask is upsampled")
+    iterations: int = Field(5, ge=1, le=20)
+    border: float = Field(0.02, gt=0, lt=0.2, description="width of the border band taken as background, fraction of the side")
+    use_source_alpha: bool = Field(True, description="a transparent source already has its mask: keep it")
+    refine_radius: int = Field(4, ge=0, le=32, description="guided-filter radius for soft edges (0 = hard mask)")
+    min_area: float = Field(0.002, ge=0, lt=1, description="drop mask islands smaller than this fraction of the frame")
+
+
+@register
+class RemoveBackground(Op):
+    name = "remove_background"
+    version = "1"
+    Config = RemoveBackgroundConfig
+
+    def apply(self, item: Item) -> Item:
+        if self.config.use_source_alpha and has_mask(item.mask) and item.context.get("mask_source") == "alpha":
+            return item
+        mask = product_mask(item.image, self.config)
+        return item.with_mask(mask)
+
+
+def product_mask(image: np.ndarray, c: RemoveBackgroundConfig) -> np.ndarray:
+    h, w = image.shape[:2]
+    if min(h, w) < 16:
+        raise OpInputError(f"image is {w}x{h}; background removal needs at least 16 px per side")
+
+    # 1. Work small: GrabCut is O(pixels x iterations).
+    scale = min(1.0, c.work_side / max(h, w))
+    small = cv2.resize(image, (max(16, round(w * scale)), max(16, round(h * scale))), interpolation=cv2.INTER_AREA)
+    sh, sw = small.shape[:2]
+
+    # 2. Seeds. The border band is background where it looks like the border's colour model;
+    #    saliency (Lab distance from the border colours) marks probable foreground.
+    saliency = _border_contrast(small)
+    band = max(2, round(c.border * max(sh, sw)))
+    border = np.zeros((sh, sw), bool)
+    border[:band], border[-band:], border[:, :band], border[:, -band:] = True, True, True, True
+    thresh = max(_otsu(saliency), 0.05)
+    gc = np.full((sh, sw), cv2.GC_PR_BGD, np.uint8)
+    # Catalog photos centre the product: sure-foreground seeds only near the centre, so
+    # colourful clutter at the edges can at most be probable foreground.
+    centre = _centre_prior(sh, sw)
+    gc[saliency >= thresh] = cv2.GC_PR_FGD
+    gc[(saliency >= min(1.0, 2.0 * thresh)) & (centre < 0.6)] = cv2.GC_FGD
+    gc[border & (saliency < thresh)] = cv2.GC_BGD
+    if not (gc == cv2.GC_PR_FGD).any() and not (gc == cv2.GC_FGD).any():
+        raise OpInputError("no product found: the image looks like plain background")
+
+    # 3. GrabCut from the seeds.
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    try:
+        cv2.grabCut(small, gc, None, bgd, fgd, c.iterations, cv2.GC_INIT_WITH_MASK)
+    except cv2.error:
+        pass  # a degenerate colour model (e.g. a two-colour image): keep the seed mask
+    hard = np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
+
+    # 4. Clean up: drop islands, fill holes (labels, handles and glare are part of the product).
+    hard = _drop_small_components(hard, c.min_area)
+    hard = _fill_enclosed_holes(hard, small)
+    if hard.sum() == 0:
+        raise OpInputError("no product found: background removal left an empty mask")
+
+    # 5. Back to full size with soft edges that follow the image.
+    mask = cv2.resize(hard * 255, (w, h), interpolation=cv2.INTER_LINEAR)
+    if c.refine_radius:
+        guide = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        radius = max(1, round(c.refine_radius / max(scale, 1e-6) * 0.5))
+        mask = cv2.ximgproc.guidedFilter(guide, mask, radius, (0.02 * 255) ** 2)
+    return mask
+
+
+def _border_contrast(img: np.ndarray) -> np.ndarray:
+    """0..1 map of how unlike the frame's border each pixel is (distance in Lab to the
+    nearest of a few border colour clusters, so gradients and two-tone backdrops work)."""
+    lab = cv2.cvtColor(cv2.GaussianBlur(img, (0, 0), 1.0), cv2.COLOR_RGB2LAB).astype(np.float32)
+    h, w = lab.shape[:2]
+    b = max(2, round(0.02 * max(h, w)))
+    ring = np.concatenate([lab[:b].reshape(-1, 3), lab[-b:].reshape(-1, 3), lab[:, :b].reshape(-1, 3), lab[:, -b:].reshape(-1, 3)])
+    k = min(4, len(ring))
+    _, _, centres = cv2.kmeans(
+        ring, k, None, (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5), 2, cv2.KMEANS_PP_CENTERS
+    )
+    dist = _shadow_tolerant_distance(lab.reshape(-1, 3), centres).reshape(h, w)
+    # The spread of the border itself sets the scale: textured backdrops need a larger distance.
+    ring_spread = float(np.percentile(_shadow_tolerant_distance(ring, centres), 95))
+    return np.clip(dist / max(40.0, 3.0 * ring_spread), 0.0, 1.0)
+
+
+def _shadow_tolerant_distance(lab: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Lab distance to the nearest centre, where being *darker* with the same chroma counts
+    for little: that is what a cast shadow on the backdrop looks like, and it is not product."""
+    d = lab[:, None, :] - centres[None, :, :]
+    d_l = np.where(d[..., 0] < 0, 0.3 * d[..., 0], d[..., 0])
+    return np.min(np.sqrt(d_l**2 + d[..., 1] ** 2 + d[..., 2] ** 2), axis=1)
+
+
+def _centre_prior(h: int, w: int) -> np.ndarray:
+    """Normalised elliptical distance from the frame's centre (0 at centre, 1 at the edges)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.sqrt(((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2)
+
+
+def _otsu(values: np.ndarray) -> float:
+    v8 = np.clip(values * 255, 0, 255).astype(np.uint8)
+    t, _ = cv2.threshold(v8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(t) / 255.0
+
+
+def _drop_small_components(mask: np.ndarray, min_frac: float) -> np.ndarray:
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return mask
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep_min = max(min_frac * mask.size, 0.05 * areas.max())
+    keep = np.zeros(n, bool)
+    keep[1:] = areas >= keep_min
+    return keep[labels].astype(np.uint8)
+
+
+def _fill_enclosed_holes(mask: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Fill holes that are product (a label or glare GrabCut took for backdrop) but keep the
+    openings of mug and bag handles, which show the backdrop.
+
+    A hole is filled when it is ringed by thick product (erode the mask by a few percent of
+    the product's size: a handle ring breaks and its opening joins the outside, a label in a
+    solid body stays enclosed), or when its colour differs from the backdrop just outside the
+    product (a label near an edge)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((mask == 0).astype(np.uint8), connectivity=4)
+    if n <= 2:
+        return mask
+    h, w = mask.shape
+    r = max(2, int(0.05 * np.sqrt(mask.sum())))
+    eroded = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    m, outside_labels = cv2.connectedComponents((eroded == 0).astype(np.uint8), connectivity=4)
+    border_ids = set(np.unique(np.concatenate([outside_labels[0], outside_labels[-1], outside_labels[:, 0], outside_labels[:, -1]])))
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+    ring = (cv2.dilate(mask, np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0) & (mask == 0)
+    backdrop = lab[ring].mean(axis=0) if ring.any() else None
+    out = mask.copy()
+    for i in range(1, n):
+        x, y, bw, bh, _ = stats[i]
+        if x == 0 or y == 0 or x + bw == w or y + bh == h:
+            continue  # the outside itself
+        hole = labels == i
+        enclosed = not set(np.unique(outside_labels[hole])) & border_ids
+        unlike_backdrop = backdrop is not None and float(np.linalg.norm(lab[hole].mean(axis=0) - backdrop)) > 22.0
+        if enclosed or unlike_backdrop:
+            out[hole] = 1
+    return out

@@ -1,0 +1,205 @@
+"""The op contract: every image operation in skustudio is a small class built on `Op`.
+
+An op has
+- a validated config (`Op.Config`, a pydantic model; unknown fields are refused and a bad
+  value raises `OpConfigError` naming the field and the value),
+- a `name` and a `version` (the version goes into every output row, so bump it whenever the
+  op's output for the same input changes),
+- declared `resources` (cpus, gpus, memory) that the pipeline uses to place it; GPU need is
+  declared here and never detected at construction,
+- `setup()`, called lazily once per worker before the first batch (load models here),
+- a batch call, `op(batch) -> batch`, over a columnar `Batch`.
+
+Ops never import Ray: the pipeline decides where they run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class OpConfigError(ValueError):
+    """A recipe gave an op a config it cannot run with."""
+
+
+class OpInputError(ValueError):
+    """One row's input cannot be processed by an op (the rest of the batch can)."""
+
+
+class OpConfig(BaseModel):
+    """Base for op configs: immutable, strict about unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What one worker running the op needs. Fractional GPUs are allowed."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_mb: int = 512
+
+    def __post_init__(self) -> None:
+        for field in ("cpus", "gpus", "memory_mb"):
+            value = getattr(self, field)
+            if value < 0:
+                raise OpConfigError(f"resources.{field} must be >= 0, got {value!r}")
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpus > 0
+
+
+# A Batch is columnar: every value is a sequence of the same length.
+# Columns ops read and write:
+#   image   - HxWx3 uint8 RGB arrays
+#   mask    - HxW uint8 product masks (255 = product), or an empty (0, 0) array for "none"
+#   affine  - 2x3 float64 arrays mapping source pixel coords to current pixel coords
+#   seed    - int64 per row
+# plus read-only context columns (sku, title, category, attributes) that ops may use.
+Batch = dict[str, Any]
+
+NO_MASK = np.zeros((0, 0), dtype=np.uint8)
+
+
+def has_mask(mask: np.ndarray | None) -> bool:
+    return mask is not None and mask.size > 0
+
+
+@dataclasses.dataclass
+class Item:
+    """One row of a batch, for ops that work image by image."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    seed: int
+    context: dict[str, Any]
+
+    def with_image(self, image: np.ndarray) -> Item:
+        """A copy with new pixels in the same geometry (colour and restoration ops)."""
+        return dataclasses.replace(self, image=image)
+
+    def with_mask(self, mask: np.ndarray) -> Item:
+        return dataclasses.replace(self, mask=mask)
+
+    def moved(self, image: np.ndarray, mask: np.ndarray, step: np.ndarray) -> Item:
+        """A copy with new pixels after a geometric `step` (3x3 or 2x3 affine, old->new)."""
+        step3 = np.vstack([step, [0.0, 0.0, 1.0]]) if step.shape == (2, 3) else step
+        affine3 = np.vstack([self.affine, [0.0, 0.0, 1.0]])
+        return dataclasses.replace(self, image=image, mask=mask, affine=(step3 @ affine3)[:2])
+
+
+ITEM_COLUMNS = ("image", "mask", "affine", "seed")
+
+
+def batch_len(batch: Batch) -> int:
+    return len(batch["image"])
+
+
+def items_of(batch: Batch) -> list[Item]:
+    n = batch_len(batch)
+    context_cols = [k for k in batch if k not in ITEM_COLUMNS]
+    out = []
+    for i in range(n):
+        out.append(
+            Item(
+                image=batch["image"][i],
+                mask=batch["mask"][i] if "mask" in batch else NO_MASK,
+                affine=batch["affine"][i] if "affine" in batch else identity_affine(),
+                seed=int(batch["seed"][i]) if "seed" in batch else 0,
+                context={k: batch[k][i] for k in context_cols},
+            )
+        )
+    return out
+
+
+def batch_of(items: list[Item], like: Batch) -> Batch:
+    """Write items back into a copy of `like` (context columns are kept as they were)."""
+    out = dict(like)
+    out["image"] = _object_array([it.image for it in items])
+    out["mask"] = _object_array([it.mask for it in items])
+    out["affine"] = _object_array([it.affine for it in items])
+    out["seed"] = np.asarray([it.seed for it in items], dtype=np.int64)
+    return out
+
+
+def _object_array(values: list[np.ndarray]) -> np.ndarray:
+    # np.array(list_of_arrays) would try to stack equal shapes into one tensor; keep a
+    # 1-D object array so rows with different sizes can sit side by side.
+    arr = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        arr[i] = v
+    return arr
+
+
+def identity_affine() -> np.ndarray:
+    return np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
+class Op:
+    """Base class for image operations. Subclasses set `name`, `version`, `Config`."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "0"
+    Config: ClassVar[type[OpConfig]] = OpConfig
+    default_resources: ClassVar[Resources] = Resources()
+    # True when every output depends on the row's seed (generative ops); deterministic ops
+    # produce the same output for every seed, which the quality gate uses to skip retries.
+    uses_seed: ClassVar[bool] = False
+
+    def __init__(self, config: Mapping[str, Any] | OpConfig | None = None, *, resources: Resources | None = None):
+        self.config = self.validate_config(config)
+        self.resources = resources or self.default_resources
+        self._ready = False
+
+    @classmethod
+    def validate_config(cls, config: Mapping[str, Any] | OpConfig | None) -> OpConfig:
+        if isinstance(config, cls.Config):
+            return config
+        try:
+            return cls.Config.model_validate(dict(config or {}))
+        except ValidationError as exc:
+            raise OpConfigError(_describe_validation_error(cls.name, exc)) from None
+
+    @property
+    def key(self) -> str:
+        """`name@version`, as recorded in output rows."""
+        return f"{self.name}@{self.version}"
+
+    def setup(self) -> None:
+        """Load models and other per-worker state. Called once, lazily."""
+
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    def __call__(self, batch: Batch) -> Batch:
+        self.ensure_setup()
+        return batch_of([self.apply(item) for item in items_of(batch)], batch)
+
+    def apply(self, item: Item) -> Item:
+        """Process one row. Ops that batch natively override `__call__` instead."""
+        raise NotImplementedError(f"op {self.name!r} implements neither apply() nor __call__()")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def _describe_validation_error(op_name: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<config>"
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field {field!r} (value {value!r}); check the spelling against the op's parameters")
+        else:
+            parts.append(f"field {field!r} = {value!r}: {err['msg']}")
+    return f"op {op_name!r}: " + "; ".join(parts)

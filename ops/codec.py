@@ -1,0 +1,150 @@
+"""Decode product photos into sRGB uint8 arrays, and encode outputs.
+
+Decoding is where hostile input arrives, so every failure is an `OpInputError` whose message
+names what was wrong and what to do, and the pixel guard runs on the header before any
+pixel data is decompressed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from ops.base import NO_MASK, OpInputError
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: well above any catalog photo, far below a bomb
+
+# PIL's own bomb check raises at 2x its limit and only warns below; we check ourselves on the
+# header with the configured limit, so disable PIL's to get one consistent message.
+Image.MAX_IMAGE_PIXELS = None
+
+_SRGB = ImageCms.createProfile("sRGB")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    image: np.ndarray  # HxWx3 uint8, sRGB
+    alpha: np.ndarray  # HxW uint8 when the source had transparency, else NO_MASK
+    source_format: str
+    source_mode: str
+    notes: tuple[str, ...] = ()
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, background=(255, 255, 255)) -> Decoded:
+    """Decode bytes to upright sRGB. Transparent sources are flattened onto `background`."""
+    if not data:
+        raise OpInputError("the file is empty (0 bytes); check the upload that produced it")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise OpInputError(f"not an image file ({_sniff(data)}); the URI must point at a JPEG, PNG, WebP, GIF or TIFF") from None
+
+    width, height = img.size
+    if width * height > max_pixels:
+        raise OpInputError(
+            f"image declares {width}x{height} = {width * height:,} pixels, over the max_pixels guard of {max_pixels:,}; "
+            "if the photo is genuine, raise decode.max_pixels in the run config"
+        )
+    if width < 1 or height < 1:
+        raise OpInputError(f"image has no pixels ({width}x{height})")
+
+    notes = []
+    if getattr(img, "n_frames", 1) > 1:
+        notes.append(f"animated {img.format} with {img.n_frames} frames: used the first frame")
+    source_format, source_mode = img.format or "unknown", img.mode
+    icc = img.info.get("icc_profile")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise OpInputError(f"the {source_format} data is damaged or truncated ({exc}); re-export the photo") from None
+
+    rgb, alpha = _to_srgb(img, icc)
+    if alpha is not None:
+        bg = Image.new("RGB", rgb.size, tuple(background))
+        bg.paste(rgb, mask=alpha)
+        rgb = bg
+    return Decoded(
+        image=np.asarray(rgb, dtype=np.uint8).copy(),
+        alpha=np.asarray(alpha, dtype=np.uint8).copy() if alpha is not None else NO_MASK,
+        source_format=source_format,
+        source_mode=source_mode,
+        notes=tuple(notes),
+    )
+
+
+def _to_srgb(img: Image.Image, icc: bytes | None) -> tuple[Image.Image, Image.Image | None]:
+    """Convert any PIL mode to RGB (colour-managed when an ICC profile is embedded) + alpha."""
+    alpha = None
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("LA", "PA"):
+        img = img.convert("RGBA")
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale the full range down to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "1":
+        img = img.convert("L")
+
+    if img.mode == "RGBA":
+        alpha = img.getchannel("A")
+        if alpha.getextrema() == (255, 255):
+            alpha = None
+        img = img.convert("RGB")
+
+    if icc and img.mode in ("RGB", "CMYK", "L"):
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            img = ImageCms.profileToProfile(img, src, _SRGB, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            img = img.convert("RGB")  # a broken profile is not worth failing the row over
+    if img.mode != "RGB":
+        # Without a profile, CMYK falls back to PIL's conversion (PIL already un-inverts
+        # Adobe's inverted CMYK JPEGs on load, so this is right for both kinds).
+        img = img.convert("RGB")
+    return img, alpha
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "looks like an HTML page, e.g. an error page saved as an image"
+    if head.startswith(b"<?xml") or head.startswith(b"<svg"):
+        return "looks like XML/SVG, which is not supported"
+    try:
+        data[:256].decode("utf-8")
+        return "looks like text"
+    except UnicodeDecodeError:
+        return f"unknown binary format, first bytes {data[:8].hex()}"
+
+
+FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+
+
+def encode_image(image: np.ndarray, fmt: str = "JPEG", quality: int = 92) -> bytes:
+    """Encode an RGB uint8 array. JPEG uses 4:4:4 above quality 90 to keep label text crisp."""
+    pil_format = FORMATS.get(fmt.lower())
+    if pil_format is None:
+        raise OpInputError(f"unknown output format {fmt!r}; use one of JPEG, PNG, WEBP")
+    buf = io.BytesIO()
+    img = Image.fromarray(image, "RGB")
+    if pil_format == "JPEG":
+        img.save(buf, "JPEG", quality=quality, optimize=True, subsampling=0 if quality >= 90 else 2)
+    elif pil_format == "WEBP":
+        img.save(buf, "WEBP", quality=quality, method=4)
+    else:
+        img.save(buf, "PNG", compress_level=6)
+    return buf.getvalue()

@@ -1,0 +1,122 @@
+"""Weight-free quality scores computed on every output variant.
+
+All scores are plain floats (`score_*` columns) so they can be thresholded by a recipe gate and
+aggregated in reports. The perceptual hash is a 16-hex-digit string (`phash`), since it is an
+identity, not a magnitude.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ops.base import has_mask
+from ops.metrics import mean_ciede2000, ssim
+
+SCORE_NAMES = (
+    "score_sharpness",
+    "score_noise_sigma",
+    "score_exposure_shadows_clipped",
+    "score_exposure_highlights_clipped",
+    "score_colorfulness",
+    "score_width",
+    "score_height",
+    "score_fidelity_ssim",
+    "score_fidelity_ciede2000",
+)
+
+# Sharpness is resolution dependent; measure it at one reference size so a 4000 px photo and
+# an 800 px photo are comparable.
+_SHARPNESS_SIDE = 1024
+
+
+def quality_scores(
+    image: np.ndarray,
+    *,
+    source: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+) -> dict[str, float | str]:
+    """Scores for one output image. Fidelity needs the decoded `source` and the `affine` that
+    maps source pixels to output pixels; it is measured inside the product `mask` (or the
+    whole frame when there is none)."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    h, w = grey.shape
+    scores: dict[str, float | str] = {
+        "score_sharpness": sharpness(grey),
+        "score_noise_sigma": noise_sigma(grey),
+        "score_exposure_shadows_clipped": float((grey <= 2).mean()),
+        "score_exposure_highlights_clipped": float((grey >= 253).mean()),
+        "score_colorfulness": colorfulness(image),
+        "score_width": float(w),
+        "score_height": float(h),
+        "score_fidelity_ssim": float("nan"),
+        "score_fidelity_ciede2000": float("nan"),
+        "phash": phash(grey),
+    }
+    if source is not None and affine is not None:
+        scores.update(fidelity(image, source, mask, affine))
+    return scores
+
+
+def sharpness(grey: np.ndarray) -> float:
+    """Variance of the Laplacian at a 1024 px reference size."""
+    scale = _SHARPNESS_SIDE / max(grey.shape)
+    if scale < 1:
+        grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def noise_sigma(grey: np.ndarray) -> float:
+    """Gaussian noise sigma estimate (Immerkaer 1996, 'Fast noise variance estimation').
+
+    Edges inflate the plain estimator, so, as is usual, only pixels away from strong edges
+    (Sobel magnitude below its 90th percentile) contribute."""
+    g = grey.astype(np.float64)
+    if min(g.shape) < 3:
+        return 0.0
+    kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
+    resp = np.abs(cv2.filter2D(g, -1, kernel, borderType=cv2.BORDER_REFLECT))[1:-1, 1:-1]
+    edges = np.hypot(cv2.Sobel(g, cv2.CV_64F, 1, 0), cv2.Sobel(g, cv2.CV_64F, 0, 1))[1:-1, 1:-1]
+    flat = edges <= np.percentile(edges, 90)
+    if not flat.any():
+        return 0.0
+    return float(np.sqrt(np.pi / 2.0) * resp[flat].mean() / 6.0)
+
+
+def colorfulness(image: np.ndarray) -> float:
+    """Hasler & Suesstrunk (2003) colourfulness metric (0 = grey, ~100+ = very colourful)."""
+    r, g, b = (image[..., i].astype(np.float64) for i in range(3))
+    rg = r - g
+    yb = 0.5 * (r + g) - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def phash(grey: np.ndarray) -> str:
+    """64-bit DCT perceptual hash (as in pHash / imagehash), as 16 hex digits."""
+    small = cv2.resize(grey.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA)
+    low = cv2.dct(small)[:8, :8]
+    bits = (low > np.median(low[1:].ravel() if low.size > 1 else low)).ravel()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+
+
+def phash_distance(a: str, b: str) -> int:
+    return bin(int(a, 16) ^ int(b, 16)).count("1")
+
+
+def fidelity(image: np.ndarray, source: np.ndarray, mask: np.ndarray | None, affine: np.ndarray) -> dict[str, float]:
+    """How faithfully the product's own pixels survive: warp the source into the output frame
+    and compare inside the (slightly eroded) product mask, where the output should still be
+    the product. Mean CIEDE2000 ~< 1 is invisible; ~> 5 is an obvious colour change."""
+    h, w = image.shape[:2]
+    warped = cv2.warpAffine(source, affine, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    inside = cv2.warpAffine(np.full(source.shape[:2], 255, np.uint8), affine, (w, h), flags=cv2.INTER_NEAREST) > 0
+    region = inside if not has_mask(mask) else inside & (mask >= 128)
+    # Resampling blurs the last pixel or two at the product's edge; that is not a fidelity loss.
+    region = cv2.erode(region.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if region.sum() < 64:
+        return {"score_fidelity_ssim": float("nan"), "score_fidelity_ciede2000": float("nan")}
+    # Both metrics on at most ~1 MP: they are about colour and structure, not resolution.
+    step = max(1, int(np.sqrt(h * w / 1_000_000)))
+    a, b, r = image[::step, ::step], warped[::step, ::step], region[::step, ::step]
+    return {"score_fidelity_ssim": ssim(a, b, r), "score_fidelity_ciede2000": mean_ciede2000(a, b, r)}

@@ -1,0 +1,1 @@
+"""What runs: manifests, recipes, the Ray Data plan, sinks and the CLI."""

@@ -1,0 +1,195 @@
+"""Catalog manifests: JSONL, CSV or Parquet, local or s3://.
+
+The header is checked on the driver before any work (a missing required column stops the
+run with a message naming it); rows are parsed on workers, and a bad row becomes an error
+row instead of failing its block.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipelines.storage import StorageConfig, arrow_filesystem, is_s3, split_s3
+
+REQUIRED = ("sku", "image_uri")
+OPTIONAL = ("title", "category", "attributes", "recipes", "overlay_mask_uri")
+MAX_SKU_LEN = 512
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used at all (missing file or required column)."""
+
+
+def manifest_format(uri: str) -> str:
+    lower = uri.lower().removesuffix(".gz")
+    for ext, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
+        if lower.endswith(ext):
+            return fmt
+    raise ManifestError(f"cannot tell the manifest format of {uri!r}; name it *.jsonl, *.csv or *.parquet")
+
+
+def check_columns(uri: str, storage: StorageConfig) -> list[str]:
+    """Columns the manifest has; raises ManifestError naming a missing required column."""
+    fmt = manifest_format(uri)
+    fs, path = arrow_filesystem(uri, storage)
+    try:
+        if fmt == "parquet":
+            columns = pq.read_schema(path, filesystem=fs).names
+        else:
+            with fs.open_input_stream(path) as f:
+                head = f.read(1 << 20).decode("utf-8", "replace")
+            columns = _csv_columns(head) if fmt == "csv" else _jsonl_columns(head)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest not found: {uri}") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest {uri}: {exc}") from None
+    for col in REQUIRED:
+        if col not in columns:
+            raise ManifestError(
+                f"manifest {uri} has no {col!r} column (columns: {', '.join(columns) or 'none'}); "
+                f"every manifest needs {' and '.join(REQUIRED)}"
+            )
+    return columns
+
+
+def _csv_columns(head: str) -> list[str]:
+    reader = csv.reader(io.StringIO(head))
+    return [c.strip() for c in next(reader, [])]
+
+
+def _jsonl_columns(head: str, sample: int = 100) -> list[str]:
+    # A column counts as present when any of the first parseable rows has it: one bad row
+    # should become an error row, not stop the run.
+    seen: dict[str, None] = {}
+    for line in head.splitlines()[:sample]:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            seen.update(dict.fromkeys(obj))
+    return list(seen)
+
+
+def read_manifest(uri: str, storage: StorageConfig, columns: list[str]):
+    """A Ray Dataset of raw manifest rows. JSONL is read as text so that a malformed line is
+    one error row instead of a failed block."""
+    import ray
+
+    fmt = manifest_format(uri)
+    fs, path = arrow_filesystem(uri, storage)
+    if fmt == "jsonl":
+        return ray.data.read_text(path, filesystem=fs).map_batches(_parse_jsonl_lines, batch_format="pyarrow")
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        wanted = [c for c in columns if c in REQUIRED + OPTIONAL]
+        convert = pacsv.ConvertOptions(column_types={c: "string" for c in columns}, include_columns=wanted)
+        return ray.data.read_csv(path, filesystem=fs, convert_options=convert)
+    return ray.data.read_parquet(path, filesystem=fs, columns=[c for c in columns if c in REQUIRED + OPTIONAL])
+
+
+def _parse_jsonl_lines(table):
+    import pyarrow as pa
+
+    rows = []
+    for line in table.column("text").to_pylist():
+        if not line or not line.strip():
+            continue  # blank lines are not rows
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError(f"a manifest line must be a JSON object, got {type(obj).__name__}")
+            rows.append({"raw": json.dumps(obj), "parse_error": None})
+        except ValueError as exc:
+            rows.append({"raw": line[:2000], "parse_error": f"line is not valid JSON ({exc})"})
+    return pa.Table.from_pylist(rows, schema=pa.schema([("raw", pa.string()), ("parse_error", pa.string())]))
+
+
+def normalise_row(row: dict[str, Any], default_recipes: list[str]) -> dict[str, Any]:
+    """One validated manifest row, or an error row (`error` set) that names the bad value."""
+    raw_error = row.get("parse_error")
+    if "raw" in row:
+        if raw_error:
+            return _bad(row.get("raw", ""), "", raw_error)
+        row = json.loads(row["raw"])
+    sku = _text(row.get("sku"))
+    uri = _text(row.get("image_uri"))
+    out = {
+        "sku": sku or "",
+        "source_uri": uri or "",
+        "title": _text(row.get("title")) or "",
+        "category": _text(row.get("category")) or "",
+        "attributes": "{}",
+        "recipes": list(default_recipes),
+        "overlay_mask_uri": _text(row.get("overlay_mask_uri")) or "",
+        "error": None,
+    }
+    if not sku:
+        return {**out, "error": f"sku is empty or missing (row: {json.dumps(row, default=str)[:200]}); every row needs a sku"}
+    if len(sku) > MAX_SKU_LEN:
+        return {**out, "sku": sku[:MAX_SKU_LEN], "error": f"sku is {len(sku)} characters, over the limit of {MAX_SKU_LEN}"}
+    if not uri:
+        return {**out, "error": f"image_uri is empty for sku {sku!r}"}
+    if is_s3(uri):
+        try:
+            split_s3(uri)
+        except ValueError:
+            return {**out, "error": f"image_uri {uri!r} is not a valid s3://bucket/key URI"}
+    elif "://" in uri and not uri.startswith("file://"):
+        return {**out, "error": f"image_uri {uri!r}: only s3:// URIs and local paths are supported"}
+    attrs = row.get("attributes")
+    if isinstance(attrs, str) and attrs.strip():
+        try:
+            attrs = json.loads(attrs)
+        except ValueError:
+            return {**out, "error": f"attributes for sku {sku!r} is not a JSON object: {attrs[:100]!r}"}
+    if attrs is not None and not (isinstance(attrs, dict) or _is_missing(attrs)):
+        if isinstance(attrs, list) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in attrs):
+            attrs = dict(attrs)  # Parquet map columns arrive as key/value pairs
+        else:
+            return {**out, "error": f"attributes for sku {sku!r} must be a map/JSON object, got {type(attrs).__name__}"}
+    out["attributes"] = json.dumps(attrs or {}, sort_keys=True, default=str)
+    recipes = row.get("recipes")
+    if isinstance(recipes, str):
+        recipes = [r.strip() for r in recipes.replace(";", ",").split(",") if r.strip()]
+    if recipes is not None and not _is_missing(recipes):
+        recipes = list(recipes)
+        if recipes:
+            unknown = [r for r in recipes if r not in default_recipes]
+            if unknown:
+                return {**out, "error": f"sku {sku!r} asks for recipes {unknown} that this run does not have ({default_recipes})"}
+            out["recipes"] = recipes
+    return out
+
+
+def _bad(raw: str, sku: str, message: str) -> dict[str, Any]:
+    return {
+        "sku": sku,
+        "source_uri": "",
+        "title": "",
+        "category": "",
+        "attributes": "{}",
+        "recipes": [],
+        "overlay_mask_uri": "",
+        "error": f"{message}: {raw[:200]!r}",
+    }
+
+
+def _is_missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, np.ndarray) and v.size == 0)
+
+
+def _text(v) -> str | None:
+    if _is_missing(v):
+        return None
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    return str(v).strip()

@@ -1,0 +1,91 @@
+"""The Ray Data plan: the chain of map stages a run executes, streaming end to end.
+
+CPU stages are plain callables (Ray runs them as tasks and fuses neighbours into one task);
+op groups that declare GPUs (or an explicit pool) get their own `ActorPoolStrategy` stage,
+built once per actor, so models load once per worker. Rows that have no work in a stage
+pass through it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cluster.resources import ResourcePlan
+from pipelines.manifest import read_manifest
+from pipelines.recipes import Recipe
+from pipelines.stages import DecodeAndExpand, Fetch, Finish, ParseRows, RunContext, RunSteps, step_label
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    label: str  # 'cpu' or 'pool:<op>@<version>:<config hash>'
+    recipe: Recipe | None = None  # the recipe whose step defines a pool's resources
+    step_index: int = -1
+
+
+def stage_sequence(recipes: list[Recipe]) -> list[StagePlan]:
+    """A shortest-ish common supersequence of every recipe's run of placement labels, so each
+    recipe's steps execute in order while recipes share stages."""
+    seqs = []
+    for r in recipes:
+        labels: list[StagePlan] = []
+        for i in range(len(r.steps)):
+            label = step_label(r, i)
+            if not labels or labels[-1].label != label:
+                labels.append(StagePlan(label, r, i))
+        seqs.append(labels)
+    pos = [0] * len(seqs)
+    out: list[StagePlan] = []
+    while any(p < len(s) for p, s in zip(pos, seqs)):
+        heads = [s[p] for p, s in zip(pos, seqs) if p < len(s)]
+        counts = Counter(h.label for h in heads)
+        best = max(counts, key=lambda lab: (counts[lab], lab == "cpu"))
+        out.append(next(h for h in heads if h.label == best))
+        pos = [p + 1 if p < len(s) and s[p].label == best else p for p, s in zip(pos, seqs)]
+    return out
+
+
+def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: ResourcePlan):
+    """The lazy Dataset of output rows (variant and error rows, no pixels)."""
+    import ray
+
+    recipes = list(ctx.recipes().values())
+    ds = read_manifest(manifest_uri, ctx.storage, columns)
+    cpu = {"num_cpus": 1, "batch_size": plan.cpu_batch_size}
+    ds = ds.map_batches(ParseRows([r.name for r in recipes]), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
+    # Fetch is I/O bound: a fraction of a CPU, many requests in flight per task.
+    ds = ds.map_batches(Fetch(ctx), batch_format="pyarrow", batch_size=plan.cpu_batch_size, num_cpus=plan.fetch_cpus)
+    ds = ds.map_batches(DecodeAndExpand(ctx), batch_format="pyarrow", **cpu)
+    for st in stage_sequence(recipes):
+        if st.label == "cpu":
+            ds = ds.map_batches(RunSteps(ctx, "cpu"), batch_format="numpy", **cpu)
+            continue
+        step = st.recipe.steps[st.step_index]
+        pool = plan.pool_for(step)
+        log.info("stage %s: actor pool %d..%d, %.2f GPU/actor, batch %d", st.label, pool.min_size, pool.max_size, pool.num_gpus, pool.batch_size)
+        ds = ds.map_batches(
+            RunSteps,
+            fn_constructor_args=(ctx, st.label),
+            batch_format="numpy",
+            batch_size=pool.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+            num_gpus=pool.num_gpus,
+            num_cpus=pool.num_cpus,
+        )
+    return ds.map_batches(Finish(ctx), batch_format="numpy", **cpu)
+
+
+def select_kind(kind: str, columns: list[str]):
+    """A batch function keeping rows of one kind with that table's columns."""
+
+    def select(table: pa.Table) -> pa.Table:
+        return table.filter(pc.equal(table["kind"], kind)).select(columns)
+
+    return select

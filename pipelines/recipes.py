@@ -1,0 +1,181 @@
+"""Recipes: YAML files naming an ordered list of ops with params, the output format, how many
+variants per SKU, and a gate of score thresholds.
+
+    name: marketplace-main
+    variants: 1
+    output: {format: JPEG, quality: 92}
+    ops:
+      - op: remove_background
+      - op: compose
+        params: {size: 1600, fill: 0.85}
+    gate:
+      score_width: {min: 1600}
+
+A recipe's hash covers every op's *validated* config (defaults included) and version, so
+changing a default or bumping an op version changes the hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ops.base import Op, OpConfigError, Resources
+from ops.registry import op_class
+from ops.scores import SCORE_NAMES
+
+BUILTIN_DIR = Path(__file__).parent / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe file is missing or invalid; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResourcesSpec(_Strict):
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    memory_mb: int = Field(512, ge=0)
+
+
+class PoolSpec(_Strict):
+    """Actor pool bounds for ops that run on actors (GPU ops)."""
+
+    min_size: int = Field(1, ge=1)
+    max_size: int = Field(1, ge=1)
+
+
+class StepSpec(_Strict):
+    op: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourcesSpec | None = None
+    batch_size: int | None = Field(None, ge=1)
+    pool: PoolSpec | None = None
+
+
+class OutputSpec(_Strict):
+    format: Literal["JPEG", "PNG", "WEBP", "jpeg", "png", "webp", "jpg", "JPG"] = "JPEG"
+    quality: int = Field(92, ge=1, le=100)
+
+    @property
+    def pil_format(self) -> str:
+        return {"JPG": "JPEG"}.get(self.format.upper(), self.format.upper())
+
+
+class Threshold(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+
+class RecipeSpec(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    description: str = ""
+    variants: int = Field(1, ge=1, le=64)
+    output: OutputSpec = OutputSpec()
+    ops: list[StepSpec] = Field(..., min_length=1)
+    gate: dict[str, Threshold] = Field(default_factory=dict)
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_names(cls, gate):
+        for key in gate:
+            if key not in SCORE_NAMES:
+                raise ValueError(f"gate on unknown score {key!r}; known scores: {', '.join(SCORE_NAMES)}")
+        return gate
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    spec: StepSpec
+    op: Op
+
+
+class Recipe:
+    """A loaded recipe: its spec, its ops (constructed and validated, not yet set up), its hash."""
+
+    def __init__(self, spec: RecipeSpec, source: str):
+        self.spec = spec
+        self.source = source
+        self.steps: list[Step] = []
+        for i, step in enumerate(spec.ops):
+            cls = op_class(step.op)
+            res = Resources(**step.resources.model_dump()) if step.resources else None
+            try:
+                op = cls(step.params, resources=res)
+            except OpConfigError as exc:
+                raise RecipeError(f"{source}: ops[{i}]: {exc}") from None
+            self.steps.append(Step(step, op))
+        self.hash = hashlib.sha256(json.dumps(self.canonical(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def op_keys(self) -> list[str]:
+        return [s.op.key for s in self.steps]
+
+    @property
+    def uses_seed(self) -> bool:
+        return any(s.op.uses_seed for s in self.steps)
+
+    def canonical(self) -> dict:
+        return {
+            "name": self.spec.name,
+            "variants": self.spec.variants,
+            "output": self.spec.output.model_dump(),
+            "ops": [{"op": s.op.key, "config": s.op.config.model_dump(mode="json")} for s in self.steps],
+            "gate": {k: v.model_dump() for k, v in sorted(self.spec.gate.items())},
+        }
+
+    def gate(self, scores: dict[str, float]) -> list[str]:
+        """Reasons the scores fail the gate (empty = passed)."""
+        reasons = []
+        for key, t in self.spec.gate.items():
+            v = scores.get(key)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                reasons.append(f"{key} missing")
+            elif t.min is not None and v < t.min:
+                reasons.append(f"{key}={v:.4g} < min {t.min:g}")
+            elif t.max is not None and v > t.max:
+                reasons.append(f"{key}={v:.4g} > max {t.max:g}")
+        return reasons
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A built-in recipe by name (see `builtin_recipes()`), or a YAML file by path."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
+        if not builtin.is_file():
+            raise RecipeError(
+                f"no recipe {name_or_path!r}: not a file, and not a built-in recipe "
+                f"({', '.join(builtin_recipes())}); pass a path to a recipe YAML"
+            )
+        path = builtin
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with name, ops, ...; got {type(data).__name__}")
+    try:
+        spec = RecipeSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+        raise RecipeError(f"{path}: {problems}") from None
+    return Recipe(spec, str(path))
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))

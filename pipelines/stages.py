@@ -1,0 +1,378 @@
+"""The per-batch stages of a run. Each is a callable `batch -> batch` that Ray Data maps over
+the stream; none of them raises for a bad row: a failing row gets `error`, `stage` and
+`error_type` set and flows on untouched, so every manifest row ends as exactly one output
+row (a variant, or an error).
+
+Row lifecycle: manifest row -> ParseRows -> Fetch -> DecodeAndExpand (one row per recipe and
+variant) -> RunSteps (one per placement group of ops: CPU tasks, or a GPU actor pool) ->
+Finish (score, gate, encode, write the image object; drops the pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ops.base import NO_MASK, Batch, Item, OpInputError, batch_of, identity_affine
+from ops.codec import CONTENT_TYPES, DEFAULT_MAX_PIXELS, EXTENSIONS, decode_image, encode_image
+from ops.overlay import OVERLAY_MASK_COLUMN
+from ops.scores import quality_scores
+from pipelines.manifest import normalise_row
+from pipelines.recipes import Recipe, load_recipe
+from pipelines.storage import StorageConfig, StorageError, join, read_bytes, safe_key_part, write_bytes
+
+log = logging.getLogger(__name__)
+
+EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What every stage needs to know about the run; small and picklable."""
+
+    run_id: str
+    output: str
+    recipe_refs: tuple[str, ...]
+    storage: StorageConfig
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    fetch_threads: int = 16
+
+    def recipes(self) -> dict[str, Recipe]:
+        loaded = [load_recipe(ref) for ref in self.recipe_refs]
+        return {r.name: r for r in loaded}
+
+
+def derive_seed(sku: str, recipe: str, variant: int, attempt: int = 0) -> int:
+    """Stable 63-bit seed: a rerun of the same (sku, recipe, variant, attempt) reproduces it."""
+    digest = hashlib.sha256(f"{sku}\x00{recipe}\x00{variant}\x00{attempt}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+_TEXT_COLUMNS = frozenset({"sku", "source_uri", "title", "category", "attributes", "recipe", "source_sha256", "notes", "error", "stage", "error_type"})
+
+
+def _rows(batch: Batch) -> list[dict[str, Any]]:
+    """Row dicts from a numpy batch. Ray hands an all-null string column back as floats
+    (NaN), so text columns are normalised to str / None here."""
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    rows = [{k: batch[k][i] for k in keys} for i in range(n)]
+    for r in rows:
+        for k in _TEXT_COLUMNS.intersection(r):
+            v = r[k]
+            r[k] = None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else str(v)
+    return rows
+
+
+def _columns(rows: list[dict[str, Any]], keys: list[str]) -> Batch:
+    out: Batch = {}
+    for k in keys:
+        arr = np.empty(len(rows), dtype=object)
+        for i, r in enumerate(rows):
+            arr[i] = r.get(k)
+        out[k] = arr
+    return out
+
+
+def _fail(row: dict, stage: str, exc: BaseException) -> dict:
+    expected = isinstance(exc, (OpInputError, StorageError, ValueError))
+    if not expected:
+        log.warning("unexpected %s at stage %s for sku %r", type(exc).__name__, stage, row.get("sku"), exc_info=exc)
+    row.update(error=str(exc) or type(exc).__name__, stage=stage, error_type=type(exc).__name__)
+    return row
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+class ParseRows:
+    """Raw manifest rows -> validated rows (or manifest error rows)."""
+
+    def __init__(self, recipe_names: list[str]):
+        self.recipe_names = recipe_names
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        rows = []
+        for raw in table.to_pylist():
+            row = normalise_row(raw, self.recipe_names)
+            if row["error"]:
+                row.update(stage="manifest", error_type="ManifestRowError")
+            else:
+                row.update(stage=None, error_type=None)
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
+
+
+def _parsed_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("sku", pa.string()),
+            ("source_uri", pa.string()),
+            ("title", pa.string()),
+            ("category", pa.string()),
+            ("attributes", pa.string()),
+            ("recipes", pa.list_(pa.string())),
+            ("overlay_mask_uri", pa.string()),
+            ("error", pa.string()),
+            ("stage", pa.string()),
+            ("error_type", pa.string()),
+        ]
+    )
+
+
+PARSED_SCHEMA = _parsed_schema()
+
+
+class Fetch:
+    """Read each row's source bytes (and optional overlay mask) with a thread pool: fetching
+    is I/O bound, so one CPU slot keeps many requests in flight."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        rows = table.to_pylist()
+
+        def fetch(row):
+            if row["error"]:
+                return row, b"", b""
+            try:
+                data = read_bytes(row["source_uri"], self.ctx.storage)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this row's error
+                return _fail(row, "fetch", exc), b"", b""
+            overlay = b""
+            if row["overlay_mask_uri"]:
+                try:
+                    overlay = read_bytes(row["overlay_mask_uri"], self.ctx.storage)
+                except Exception as exc:  # noqa: BLE001
+                    return _fail(row, "fetch", exc), b"", b""
+            return row, data, overlay
+
+        with ThreadPoolExecutor(max_workers=min(self.ctx.fetch_threads, max(1, len(rows)))) as pool:
+            results = list(pool.map(fetch, rows))
+        fetched = [r for r, _, _ in results]
+        cols = {k: [r[k] for r in fetched] for k in PARSED_SCHEMA.names}
+        cols["source_bytes"] = [d for _, d, _ in results]
+        cols["overlay_bytes"] = [o for _, _, o in results]
+        cols["source_sha256"] = [hashlib.sha256(d).hexdigest() if d else "" for _, d, _ in results]
+        schema = PARSED_SCHEMA.append(pa.field("source_bytes", pa.binary())).append(pa.field("overlay_bytes", pa.binary()))
+        return pa.Table.from_pydict(cols, schema=schema.append(pa.field("source_sha256", pa.string())))
+
+
+WORK_KEYS = [
+    "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "seed", "source_sha256",
+    "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes",
+    "error", "stage", "error_type",
+]  # fmt: skip
+
+
+class DecodeAndExpand:
+    """Decode each source once, then fan out one work row per (recipe, variant)."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.recipes = ctx.recipes()
+
+    def __call__(self, table) -> Batch:
+        out = []
+        for row in table.to_pylist():
+            base = {k: row.get(k) for k in ("sku", "source_uri", "title", "category", "attributes", "source_sha256", "error", "stage", "error_type")}
+            base.update(recipe="", variant=-1, seed=0, next_step=0, duration_s=0.0, notes="")
+            base.update(source=EMPTY_IMAGE, image=EMPTY_IMAGE, mask=NO_MASK, affine=identity_affine(), overlay_mask=NO_MASK)
+            if base["error"]:
+                out.append(base)
+                continue
+            t0 = time.perf_counter()
+            try:
+                decoded = decode_image(row["source_bytes"], max_pixels=self.ctx.max_pixels)
+                overlay = NO_MASK
+                if row["overlay_bytes"]:
+                    ov = decode_image(row["overlay_bytes"], max_pixels=self.ctx.max_pixels).image
+                    overlay = (ov.max(axis=2) >= 128).astype(np.uint8) * 255
+            except Exception as exc:  # noqa: BLE001
+                out.append(_fail(base, "decode", exc))
+                continue
+            decode_s = time.perf_counter() - t0
+            for name in row["recipes"]:
+                recipe = self.recipes[name]
+                for v in range(recipe.spec.variants):
+                    out.append(
+                        {
+                            **base,
+                            "recipe": name,
+                            "variant": v,
+                            "seed": derive_seed(row["sku"], name, v),
+                            "source": decoded.image,
+                            "image": decoded.image,
+                            "mask": decoded.alpha,
+                            "overlay_mask": overlay,
+                            "duration_s": decode_s,
+                            "notes": "; ".join(decoded.notes) + ("; mask from source alpha" if decoded.alpha.size else ""),
+                        }
+                    )
+        return _columns(out, WORK_KEYS)
+
+
+def step_label(recipe: Recipe, index: int) -> str:
+    """Where step `index` of a recipe runs: 'cpu' (fused tasks) or its own actor pool."""
+    step = recipe.steps[index]
+    if step.op.resources.uses_gpu or step.spec.pool is not None:
+        cfg = json.dumps(step.op.config.model_dump(mode="json"), sort_keys=True)
+        return f"pool:{step.op.key}:{hashlib.sha256(cfg.encode()).hexdigest()[:8]}"
+    return "cpu"
+
+
+class RunSteps:
+    """Advance each row through the consecutive steps of its recipe that run under `label`.
+
+    Ops are called on the sub-batch of rows at the same step (so batched GPU ops see a real
+    batch); if the batch call fails, each row is retried alone so one bad image fails only
+    its own row. Actor pools construct this class once per actor, so `setup()` (model
+    loading) happens once per worker."""
+
+    def __init__(self, ctx: RunContext, label: str):
+        self.label = label
+        self.recipes = ctx.recipes()
+
+    def __call__(self, batch: Batch) -> Batch:
+        rows = _rows(batch)
+        while True:
+            # Group rows whose next step runs here by (recipe, step) and run each group.
+            groups: dict[tuple[str, int], list[int]] = {}
+            for i, r in enumerate(rows):
+                if r["error"] or not r["recipe"]:
+                    continue
+                recipe = self.recipes[r["recipe"]]
+                k = int(r["next_step"])
+                if k < len(recipe.steps) and step_label(recipe, k) == self.label:
+                    groups.setdefault((r["recipe"], k), []).append(i)
+            if not groups:
+                break
+            for (name, k), idx in groups.items():
+                self._run_step(self.recipes[name], k, [rows[i] for i in idx])
+        return _columns(rows, WORK_KEYS)
+
+    def _run_step(self, recipe: Recipe, k: int, rows: list[dict]) -> None:
+        op = recipe.steps[k].op
+        stage = f"op:{op.name}"
+        try:
+            op.ensure_setup()
+        except Exception as exc:  # noqa: BLE001 - a broken model fails its rows, not the run
+            for r in rows:
+                _fail(r, stage, exc)
+            return
+        t0 = time.perf_counter()
+        try:
+            results = op(self._op_batch(rows))
+            per_row = (time.perf_counter() - t0) / len(rows)
+            for i, r in enumerate(rows):
+                self._take(r, results, i, per_row)
+        except Exception:  # noqa: BLE001 - isolate the failing row(s)
+            for r in rows:
+                t1 = time.perf_counter()
+                try:
+                    self._take(r, op(self._op_batch([r])), 0, time.perf_counter() - t1)
+                except Exception as exc:  # noqa: BLE001
+                    _fail(r, stage, exc)
+
+    @staticmethod
+    def _op_batch(rows: list[dict]) -> Batch:
+        items = [Item(r["image"], r["mask"], np.asarray(r["affine"], np.float64).reshape(2, 3), int(r["seed"]), {}) for r in rows]
+        ctx_cols = {k: [r[k] for r in rows] for k in ("sku", "title", "category", "attributes")}
+        ctx_cols[OVERLAY_MASK_COLUMN] = [r["overlay_mask"] for r in rows]
+        return batch_of(items, {"image": None, **ctx_cols})
+
+    @staticmethod
+    def _take(row: dict, results: Batch, i: int, seconds: float) -> None:
+        image = results["image"][i]
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 and image.size):
+            raise OpInputError(f"op returned an invalid image ({getattr(image, 'shape', type(image))})")
+        row.update(image=image, mask=results["mask"][i], affine=results["affine"][i], seed=int(results["seed"][i]))
+        row["next_step"] = int(row["next_step"]) + 1
+        row["duration_s"] = float(row["duration_s"]) + seconds
+
+
+class Finish:
+    """Score, gate, encode and store each variant; emit metadata rows without pixels."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.recipes = ctx.recipes()
+
+    def __call__(self, batch: Batch):
+        import pyarrow as pa
+
+        from pipelines.schema import OUTPUT_SCHEMA
+
+        out = []
+        for r in _rows(batch):
+            if not r["error"]:
+                try:
+                    out.append(self._finish(r))
+                    continue
+                except Exception as exc:  # noqa: BLE001
+                    _fail(r, "write", exc)
+            out.append(self._error_row(r))
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    def _finish(self, r: dict) -> dict:
+        recipe = self.recipes[r["recipe"]]
+        t0 = time.perf_counter()
+        image = r["image"]
+        affine = np.asarray(r["affine"], np.float64).reshape(2, 3)
+        scores = quality_scores(image, source=r["source"], mask=r["mask"], affine=affine)
+        reasons = recipe.gate(scores)
+        fmt = recipe.spec.output.pil_format
+        data = encode_image(image, fmt, recipe.spec.output.quality)
+        digest = hashlib.sha256(data).hexdigest()
+        key = f"{safe_key_part(recipe.name)}/{safe_key_part(r['sku'])}/v{r['variant']}-{digest[:16]}.{EXTENSIONS[fmt]}"
+        uri = join(self.ctx.output, self.ctx.run_id, "images", key)
+        write_bytes(uri, data, self.ctx.storage, CONTENT_TYPES[fmt])
+        h, w = image.shape[:2]
+        return {
+            "kind": "variant",
+            "run_id": self.ctx.run_id,
+            "sku": r["sku"],
+            "recipe": recipe.name,
+            "variant": int(r["variant"]),
+            "source_uri": r["source_uri"],
+            "source_sha256": r["source_sha256"],
+            "output_uri": uri,
+            "output_sha256": digest,
+            "width": w,
+            "height": h,
+            "format": fmt,
+            "seed": int(r["seed"]),
+            "recipe_hash": recipe.hash,
+            "ops": recipe.op_keys,
+            "passed": not reasons,
+            "reasons": reasons,
+            "notes": r["notes"] or "",
+            **scores,
+            "duration_s": float(r["duration_s"]) + (time.perf_counter() - t0),
+        }
+
+    def _error_row(self, r: dict) -> dict:
+        return {
+            "kind": "error",
+            "run_id": self.ctx.run_id,
+            "sku": r["sku"],
+            "recipe": r["recipe"] or None,
+            "source_uri": r["source_uri"],
+            "stage": r["stage"],
+            "error_type": r["error_type"],
+            "message": r["error"],
+        }
