@@ -92,6 +92,7 @@ def _border_contrast(img: np.ndarray) -> np.ndarray:
     b = max(2, round(0.02 * max(h, w)))
     ring = np.concatenate([lab[:b].reshape(-1, 3), lab[-b:].reshape(-1, 3), lab[:, :b].reshape(-1, 3), lab[:, -b:].reshape(-1, 3)])
     k = min(4, len(ring))
+    cv2.setRNGSeed(0)  # kmeans++ draws from OpenCV's global RNG: same image, same mask
     _, _, centres = cv2.kmeans(
         ring, k, None, (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5), 2, cv2.KMEANS_PP_CENTERS
     )

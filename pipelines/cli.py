@@ -44,7 +44,12 @@ def _guarded(fn):
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        # Ray Data narrates every dataset it executes at INFO; people want the summary.
+        # Ray sets its loggers up when ray.data is imported, so import it first.
+        import ray.data  # noqa: F401
+
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @app.command()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipelines.storage import StorageConfig, arrow_filesystem, is_s3, split_s3
+from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, is_s3, split_s3
 
 REQUIRED = ("sku", "image_uri")
 OPTIONAL = ("title", "category", "attributes", "recipes", "overlay_mask_uri")
@@ -141,7 +141,7 @@ def normalise_row(row: dict[str, Any], default_recipes: list[str]) -> dict[str, 
     if is_s3(uri):
         try:
             split_s3(uri)
-        except ValueError:
+        except StorageError:
             return {**out, "error": f"image_uri {uri!r} is not a valid s3://bucket/key URI"}
     elif "://" in uri and not uri.startswith("file://"):
         return {**out, "error": f"image_uri {uri!r}: only s3:// URIs and local paths are supported"}

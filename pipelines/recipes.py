@@ -108,10 +108,9 @@ class Recipe:
         self.source = source
         self.steps: list[Step] = []
         for i, step in enumerate(spec.ops):
-            cls = op_class(step.op)
-            res = Resources(**step.resources.model_dump()) if step.resources else None
             try:
-                op = cls(step.params, resources=res)
+                res = Resources(**step.resources.model_dump()) if step.resources else None
+                op = op_class(step.op)(step.params, resources=res)
             except OpConfigError as exc:
                 raise RecipeError(f"{source}: ops[{i}]: {exc}") from None
             self.steps.append(Step(step, op))

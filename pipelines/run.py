@@ -134,7 +134,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
 def _summarise(rows, run_id: str, prefix: str, wall_s: float) -> RunSummary:
     """Counts by distributed aggregation (only the small grouped results reach the driver)."""
     keyed = rows.map_batches(_count_keys, batch_format="pyarrow")
-    counts = {r["bucket"]: r["count()"] for r in keyed.groupby("bucket").count().take_all()}
+    counts = {r["bucket"]: r["count()"] for r in keyed.groupby("bucket", num_partitions=1).count().take_all()}
     variants_by_recipe: dict[str, int] = {}
     errors_by_stage: dict[str, int] = {}
     passed = input_errors = 0
@@ -147,7 +147,7 @@ def _summarise(rows, run_id: str, prefix: str, wall_s: float) -> RunSummary:
             errors_by_stage[a] = errors_by_stage.get(a, 0) + n
             input_errors += n if b == "input" else 0
     # Inputs = input-level error rows + distinct manifest rows among the rest.
-    other_inputs = keyed.filter(expr="input_key != ''").groupby("input_key").count().count()
+    other_inputs = keyed.filter(expr="input_key != ''").groupby("input_key", num_partitions=4).count().count()
     return RunSummary(
         run_id=run_id,
         output=prefix,

@@ -229,6 +229,8 @@ def _print_label(rng, layer: np.ndarray, mask: np.ndarray, kind: str, brand: str
     ly0, ly1 = y0 + int(bh * 0.45), y0 + int(bh * 0.7)
     if kind in ("shoe", "bag"):
         ly0, ly1 = y0 + int(bh * 0.55), y0 + int(bh * 0.75)
+    if kind == "mug":  # the bounding box includes the handle; print on the body only
+        lx1 = x0 + int(bw * 0.62)
     paper = np.array(_hsv_colour(rng, sat=(0.0, 0.2), val=(0.85, 1.0)), np.float32)
     label = np.zeros(mask.shape, np.uint8)
     cv2.rectangle(label, (lx0, ly0), (lx1, ly1), 1, -1)
