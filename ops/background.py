@@ -93,9 +93,14 @@ def _border_contrast(img: np.ndarray) -> np.ndarray:
     ring = np.concatenate([lab[:b].reshape(-1, 3), lab[-b:].reshape(-1, 3), lab[:, :b].reshape(-1, 3), lab[:, -b:].reshape(-1, 3)])
     k = min(4, len(ring))
     cv2.setRNGSeed(0)  # kmeans++ draws from OpenCV's global RNG: same image, same mask
-    _, _, centres = cv2.kmeans(
+    _, assign, centres = cv2.kmeans(
         ring, k, None, (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5), 2, cv2.KMEANS_PP_CENTERS
     )
+    # A product that touches the frame puts its own colours in the ring; they form small
+    # clusters. Only clusters holding >= 10% of the ring describe the backdrop.
+    share = np.bincount(assign.ravel(), minlength=k) / len(assign)
+    keep = share >= 0.10
+    centres, ring = centres[keep], ring[keep[assign.ravel()]]
     dist = _shadow_tolerant_distance(lab.reshape(-1, 3), centres).reshape(h, w)
     # The spread of the border itself sets the scale: textured backdrops need a larger distance.
     ring_spread = float(np.percentile(_shadow_tolerant_distance(ring, centres), 95))
@@ -103,10 +108,13 @@ def _border_contrast(img: np.ndarray) -> np.ndarray:
 
 
 def _shadow_tolerant_distance(lab: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Lab distance to the nearest centre, where being *darker* with the same chroma counts
-    for little: that is what a cast shadow on the backdrop looks like, and it is not product."""
+    """Lab distance to the nearest centre, where being up to ~25 L units *darker* with the same
+    chroma counts for nothing: that is what a cast shadow on the backdrop looks like. Darker
+    than that counts in full, so a black product on white is still product (OpenCV's 8-bit
+    Lab scales L to 0..255, hence 25 * 2.55)."""
     d = lab[:, None, :] - centres[None, :, :]
-    d_l = np.where(d[..., 0] < 0, 0.3 * d[..., 0], d[..., 0])
+    allowance = 25 * 2.55
+    d_l = np.where(d[..., 0] < 0, np.minimum(0.0, d[..., 0] + allowance), d[..., 0])
     return np.min(np.sqrt(d_l**2 + d[..., 1] ** 2 + d[..., 2] ** 2), axis=1)
 
 
