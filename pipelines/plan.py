@@ -60,6 +60,9 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
     ds = read_manifest(manifest_uri, ctx.storage, columns)
     cpu = {"num_cpus": 1, "batch_size": plan.cpu_batch_size}
     ds = ds.map_batches(ParseRows([r.name for r in recipes]), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
+    # A manifest file is read as one block, and Ray runs one task per block: without this
+    # streaming split, a 10k-row JSONL would be processed by a single task.
+    ds = ds.repartition(target_num_rows_per_block=plan.cpu_batch_size)
     # Fetch is I/O bound: a fraction of a CPU, many requests in flight per task.
     ds = ds.map_batches(Fetch(ctx), batch_format="pyarrow", batch_size=plan.cpu_batch_size, num_cpus=plan.fetch_cpus)
     ds = ds.map_batches(DecodeAndExpand(ctx), batch_format="pyarrow", **cpu)

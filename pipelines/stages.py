@@ -49,6 +49,20 @@ class RunContext:
         return {r.name: r for r in loaded}
 
 
+_worker_ready = False
+
+
+def _init_worker() -> None:
+    """Once per worker process: Ray gives each task one CPU, so OpenCV's own thread pool
+    would only oversubscribe the cores (Ray sets OMP_NUM_THREADS=1 but OpenCV ignores it)."""
+    global _worker_ready
+    if not _worker_ready:
+        import cv2
+
+        cv2.setNumThreads(1)
+        _worker_ready = True
+
+
 def derive_seed(sku: str, recipe: str, variant: int, attempt: int = 0) -> int:
     """Stable 63-bit seed: a rerun of the same (sku, recipe, variant, attempt) reproduces it."""
     digest = hashlib.sha256(f"{sku}\x00{recipe}\x00{variant}\x00{attempt}".encode("utf-8", "surrogatepass")).digest()
@@ -142,6 +156,7 @@ class Fetch:
         self.ctx = ctx
 
     def __call__(self, table):
+        _init_worker()
         import pyarrow as pa
 
         rows = table.to_pylist()
@@ -187,6 +202,7 @@ class DecodeAndExpand:
         self.recipes = ctx.recipes()
 
     def __call__(self, table) -> Batch:
+        _init_worker()
         out = []
         for row in table.to_pylist():
             base = {k: row.get(k) for k in ("sku", "source_uri", "title", "category", "attributes", "source_sha256", "error", "stage", "error_type")}
@@ -248,6 +264,7 @@ class RunSteps:
         self.recipes = ctx.recipes()
 
     def __call__(self, batch: Batch) -> Batch:
+        _init_worker()
         rows = _rows(batch)
         while True:
             # Group rows whose next step runs here by (recipe, step) and run each group.
@@ -313,6 +330,7 @@ class Finish:
         self.recipes = ctx.recipes()
 
     def __call__(self, batch: Batch):
+        _init_worker()
         import pyarrow as pa
 
         from pipelines.schema import OUTPUT_SCHEMA
