@@ -28,7 +28,8 @@ class RemoveBackground(Op):
     Config = RemoveBackgroundConfig
 
     def apply(self, item: Item) -> Item:
-        if self.config.use_source_alpha and has_mask(item.mask) and item.context.get("mask_source") == "alpha":
+        # Only decode (a transparent source) puts a mask on a row before this op runs.
+        if self.config.use_source_alpha and has_mask(item.mask):
             return item
         mask = product_mask(item.image, self.config)
         return item.with_mask(mask)

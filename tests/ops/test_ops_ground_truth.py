@@ -129,3 +129,22 @@ def test_scores_respond_to_the_degradations():
     assert s_blur["score_sharpness"] < 0.5 * s_clean["score_sharpness"]
     assert phash_distance(phash(clean.photo[..., 1]), phash(blurry.photo[..., 1])) <= 6
     assert noise_sigma(np.full((50, 50), 128, np.uint8)) == 0.0
+
+
+def test_transparent_source_keeps_its_own_mask():
+    import io
+
+    from PIL import Image
+
+    from ops.codec import decode_image
+
+    r = render_product(5, background="cluttered", degradation="none", size=(400, 400))
+    rgba = np.dstack([r.clean, r.mask])
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    decoded = decode_image(buf.getvalue())
+    out = run("remove_background", {}, decoded.image, mask=decoded.alpha).mask
+    assert np.array_equal(out, decoded.alpha) and iou(out >= 128, r.mask > 0) == 1.0
+    # Without the option the mask is recomputed (soft guided-filter edges), not the alpha.
+    recomputed = run("remove_background", {"use_source_alpha": False}, decoded.image, mask=decoded.alpha).mask
+    assert not np.array_equal(recomputed, decoded.alpha)
