@@ -90,10 +90,8 @@ class Item:
         return dataclasses.replace(self, mask=mask)
 
     def moved(self, image: np.ndarray, mask: np.ndarray, step: np.ndarray) -> Item:
-        """A copy with new pixels after a geometric `step` (3x3 or 2x3 affine, old->new)."""
-        step3 = np.vstack([step, [0.0, 0.0, 1.0]]) if step.shape == (2, 3) else step
-        affine3 = np.vstack([self.affine, [0.0, 0.0, 1.0]])
-        return dataclasses.replace(self, image=image, mask=mask, affine=(step3 @ affine3)[:2])
+        """A copy with new pixels after a geometric `step` (2x3 affine, old -> new coords)."""
+        return dataclasses.replace(self, image=image, mask=mask, affine=chain_affines(step, self.affine))
 
 
 ITEM_COLUMNS = ("image", "mask", "affine", "seed")
@@ -137,6 +135,14 @@ def _object_array(values: list[np.ndarray]) -> np.ndarray:
     for i, v in enumerate(values):
         arr[i] = v
     return arr
+
+
+def chain_affines(*steps: np.ndarray) -> np.ndarray:
+    """Compose 2x3 affines; the first argument is applied last (like matrix products)."""
+    out = np.eye(3)
+    for st in steps:
+        out = out @ np.vstack([st, [0.0, 0.0, 1.0]])
+    return out[:2]
 
 
 def identity_affine() -> np.ndarray:

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from ops.base import Item, Op, OpConfig, OpInputError, has_mask
+from ops.base import Item, Op, OpConfig, OpInputError, chain_affines, has_mask
 from ops.geometry import mask_bbox, parse_aspect, scale_step, translate_step
 from ops.registry import register
 
@@ -58,7 +58,7 @@ class Compose(Op):
 
         # 3. One affine for the whole move: crop to the box, scale, centre.
         tx, ty = (cw - bw * s) / 2.0, (ch - bh * s) / 2.0
-        step = _compose_steps(translate_step(tx, ty), scale_step(s, s), translate_step(-x0, -y0))
+        step = chain_affines(translate_step(tx, ty), scale_step(s, s), translate_step(-x0, -y0))
         interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LANCZOS4
         product = cv2.warpAffine(item.image, step, (cw, ch), flags=interp, borderMode=cv2.BORDER_REPLICATE)
         alpha = cv2.warpAffine(item.mask, step, (cw, ch), flags=cv2.INTER_LINEAR, borderValue=0)
@@ -71,14 +71,6 @@ class Compose(Op):
         a = alpha.astype(np.float32)[..., None] / 255.0
         out = canvas * (1 - a) + product.astype(np.float32) * a
         return item.moved(np.clip(out + 0.5, 0, 255).astype(np.uint8), alpha, step)
-
-
-def _compose_steps(*steps: np.ndarray) -> np.ndarray:
-    """Chain 2x3 affines; the first argument is applied last."""
-    out = np.eye(3)
-    for st in steps:
-        out = out @ np.vstack([st, [0, 0, 1]])
-    return out[:2]
 
 
 def _contact_shadow(alpha: np.ndarray, softness: float) -> np.ndarray:

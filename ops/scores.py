@@ -93,10 +93,11 @@ def colorfulness(image: np.ndarray) -> float:
 
 
 def phash(grey: np.ndarray) -> str:
-    """64-bit DCT perceptual hash (as in pHash / imagehash), as 16 hex digits."""
+    """64-bit DCT perceptual hash, as 16 hex digits: the 8x8 lowest frequencies of a 32x32 DCT,
+    thresholded at their median taken without the first row (which holds the DC term)."""
     small = cv2.resize(grey.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA)
     low = cv2.dct(small)[:8, :8]
-    bits = (low > np.median(low[1:].ravel() if low.size > 1 else low)).ravel()
+    bits = (low > np.median(low[1:])).ravel()
     return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 

@@ -83,7 +83,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     # 1. Everything that can be checked before work: recipes load, manifest has its columns.
     recipes = ctx.recipes()
     if len(recipes) != len(cfg.recipes):
-        raise ValueError(f"two recipes share a name: {[r for r in cfg.recipes]}; recipe names must be unique in a run")
+        raise ValueError(f"two recipes share a name: {list(cfg.recipes)}; recipe names must be unique in a run")
     columns = check_columns(cfg.manifest, storage)
 
     # 2. Reach Ray and plan resources.

@@ -43,6 +43,25 @@ ERROR_COLUMNS = [
     ("message", pa.string()),
 ]
 
+# Rows after manifest parsing (ParseRows); Fetch adds the bytes and their hash.
+PARSED_SCHEMA = pa.schema(
+    [
+        ("sku", pa.string()),
+        ("source_uri", pa.string()),
+        ("title", pa.string()),
+        ("category", pa.string()),
+        ("attributes", pa.string()),
+        ("recipes", pa.list_(pa.string())),
+        ("overlay_mask_uri", pa.string()),
+        ("error", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+    ]
+)
+FETCHED_SCHEMA = PARSED_SCHEMA.append(pa.field("source_bytes", pa.binary())).append(
+    pa.field("overlay_bytes", pa.binary())
+).append(pa.field("source_sha256", pa.string()))
+
 _merged: dict[str, pa.DataType] = {"kind": pa.string()}
 for _name, _type in VARIANT_COLUMNS + ERROR_COLUMNS:
     _merged.setdefault(_name, _type)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ops.base import NO_MASK, Batch, Item, OpInputError, batch_of, identity_affine
 from ops.codec import CONTENT_TYPES, DEFAULT_MAX_PIXELS, EXTENSIONS, decode_image, encode_image
@@ -26,6 +27,7 @@ from ops.overlay import OVERLAY_MASK_COLUMN
 from ops.scores import quality_scores
 from pipelines.manifest import normalise_row
 from pipelines.recipes import Recipe, load_recipe
+from pipelines.schema import FETCHED_SCHEMA, OUTPUT_SCHEMA, PARSED_SCHEMA
 from pipelines.storage import StorageConfig, StorageError, join, read_bytes, safe_key_part, write_bytes
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,6 @@ class ParseRows:
         self.recipe_names = recipe_names
 
     def __call__(self, table):
-        import pyarrow as pa
-
         rows = []
         for raw in table.to_pylist():
             row = normalise_row(raw, self.recipe_names)
@@ -126,26 +126,6 @@ class ParseRows:
         return pa.Table.from_pylist(rows, schema=PARSED_SCHEMA)
 
 
-def _parsed_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("sku", pa.string()),
-            ("source_uri", pa.string()),
-            ("title", pa.string()),
-            ("category", pa.string()),
-            ("attributes", pa.string()),
-            ("recipes", pa.list_(pa.string())),
-            ("overlay_mask_uri", pa.string()),
-            ("error", pa.string()),
-            ("stage", pa.string()),
-            ("error_type", pa.string()),
-        ]
-    )
-
-
-PARSED_SCHEMA = _parsed_schema()
 
 
 class Fetch:
@@ -157,34 +137,23 @@ class Fetch:
 
     def __call__(self, table):
         _init_worker()
-        import pyarrow as pa
-
         rows = table.to_pylist()
 
-        def fetch(row):
+        def fetch(row: dict) -> None:
+            row.update(source_bytes=b"", overlay_bytes=b"", source_sha256="")
             if row["error"]:
-                return row, b"", b""
+                return
             try:
                 data = read_bytes(row["source_uri"], self.ctx.storage)
+                overlay = read_bytes(row["overlay_mask_uri"], self.ctx.storage) if row["overlay_mask_uri"] else b""
             except Exception as exc:  # noqa: BLE001 - every failure becomes this row's error
-                return _fail(row, "fetch", exc), b"", b""
-            overlay = b""
-            if row["overlay_mask_uri"]:
-                try:
-                    overlay = read_bytes(row["overlay_mask_uri"], self.ctx.storage)
-                except Exception as exc:  # noqa: BLE001
-                    return _fail(row, "fetch", exc), b"", b""
-            return row, data, overlay
+                _fail(row, "fetch", exc)
+                return
+            row.update(source_bytes=data, overlay_bytes=overlay, source_sha256=hashlib.sha256(data).hexdigest())
 
         with ThreadPoolExecutor(max_workers=min(self.ctx.fetch_threads, max(1, len(rows)))) as pool:
-            results = list(pool.map(fetch, rows))
-        fetched = [r for r, _, _ in results]
-        cols = {k: [r[k] for r in fetched] for k in PARSED_SCHEMA.names}
-        cols["source_bytes"] = [d for _, d, _ in results]
-        cols["overlay_bytes"] = [o for _, _, o in results]
-        cols["source_sha256"] = [hashlib.sha256(d).hexdigest() if d else "" for _, d, _ in results]
-        schema = PARSED_SCHEMA.append(pa.field("source_bytes", pa.binary())).append(pa.field("overlay_bytes", pa.binary()))
-        return pa.Table.from_pydict(cols, schema=schema.append(pa.field("source_sha256", pa.string())))
+            list(pool.map(fetch, rows))
+        return pa.Table.from_pylist(rows, schema=FETCHED_SCHEMA)
 
 
 WORK_KEYS = [
@@ -262,6 +231,8 @@ class RunSteps:
     def __init__(self, ctx: RunContext, label: str):
         self.label = label
         self.recipes = ctx.recipes()
+        # step_label hashes an op's config: compute it once here, not per row per pass.
+        self.runs_here = {name: [step_label(r, i) == label for i in range(len(r.steps))] for name, r in self.recipes.items()}
 
     def __call__(self, batch: Batch) -> Batch:
         _init_worker()
@@ -272,9 +243,9 @@ class RunSteps:
             for i, r in enumerate(rows):
                 if r["error"] or not r["recipe"]:
                     continue
-                recipe = self.recipes[r["recipe"]]
+                here = self.runs_here[r["recipe"]]
                 k = int(r["next_step"])
-                if k < len(recipe.steps) and step_label(recipe, k) == self.label:
+                if k < len(here) and here[k]:
                     groups.setdefault((r["recipe"], k), []).append(i)
             if not groups:
                 break
@@ -331,10 +302,6 @@ class Finish:
 
     def __call__(self, batch: Batch):
         _init_worker()
-        import pyarrow as pa
-
-        from pipelines.schema import OUTPUT_SCHEMA
-
         out = []
         for r in _rows(batch):
             if not r["error"]:

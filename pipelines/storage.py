@@ -133,17 +133,6 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig, content_type: str = "
     os.replace(tmp, path)  # readers never see a half-written file
 
 
-def exists(uri: str, cfg: StorageConfig) -> bool:
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        try:
-            s3_client(cfg).head_object(Bucket=bucket, Key=key)
-            return True
-        except ClientError:
-            return False
-    return Path(uri).expanduser().exists()
-
-
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -11,7 +11,6 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from ops.metrics import iou
 from pipelines.run import RunConfig, run_catalog
 from pipelines.sample_catalog import render_product
 from pipelines.storage import StorageConfig, arrow_filesystem
