@@ -8,6 +8,9 @@ An op has
 - declared `resources` (cpus, gpus, memory) that the pipeline uses to place it; GPU need is
   declared here and never detected at construction,
 - `setup()`, called lazily once per worker before the first batch (load models here),
+- for ops with weights, `model_fields` (config fields holding model references) and
+  `check_model()` (does a model of this type fit the op); the pipeline fetches each model
+  through its model store and binds the local copies (`bind_models`) before `setup()`,
 - a batch call, `op(batch) -> batch`, over a columnar `Batch`.
 
 Ops never import Ray: the pipeline decides where they run.
@@ -21,6 +24,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ops.models import LocalModel, ModelError, ModelInfo, describe_local, local_model
 
 
 class OpConfigError(ValueError):
@@ -159,11 +164,27 @@ class Op:
     # True when every output depends on the row's seed (generative ops); deterministic ops
     # produce the same output for every seed, which the quality gate uses to skip retries.
     uses_seed: ClassVar[bool] = False
+    # Config fields that hold model references (local path or s3:// URI).
+    model_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Mapping[str, Any] | OpConfig | None = None, *, resources: Resources | None = None):
         self.config = self.validate_config(config)
         self.resources = resources or self.default_resources
+        self.models: dict[str, LocalModel] = {}
         self._ready = False
+
+    def model_refs(self) -> dict[str, str]:
+        """{config field: model reference} for the models this op loads."""
+        refs = {f: getattr(self.config, f) for f in self.model_fields}
+        return {f: r for f, r in refs.items() if r}
+
+    def check_model(self, field: str, info: ModelInfo) -> None:
+        """Raise ModelError when a model of this type cannot serve this op (checked from
+        metadata before a run starts, and again when the weights load)."""
+
+    def bind_models(self, models: Mapping[str, LocalModel]) -> None:
+        """Give the op local copies of its models (field -> LocalModel) before setup()."""
+        self.models = dict(models)
 
     @classmethod
     def validate_config(cls, config: Mapping[str, Any] | OpConfig | None) -> OpConfig:
@@ -184,12 +205,23 @@ class Op:
 
     def ensure_setup(self) -> None:
         if not self._ready:
+            for field, ref in self.model_refs().items():
+                if field not in self.models:
+                    # Outside the pipeline (notebooks, tests) local references load directly.
+                    if ref.startswith("s3://"):
+                        raise ModelError(f"model {ref!r}: s3:// models are fetched by the pipeline's model store; run the op through a recipe, or bind_models() a local copy")
+                    self.check_model(field, describe_local(ref))
+                    self.models[field] = local_model(ref)
             self.setup()
             self._ready = True
 
     def __call__(self, batch: Batch) -> Batch:
         self.ensure_setup()
         return batch_of([self.apply(item) for item in items_of(batch)], batch)
+
+    def check_item(self, item: Item) -> None:
+        """Raise OpInputError when a row cannot run (cheap checks only). The pipeline calls
+        this per row before a batch call, so one bad row does not fail its batch."""
 
     def apply(self, item: Item) -> Item:
         """Process one row. Ops that batch natively override `__call__` instead."""

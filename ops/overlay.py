@@ -32,26 +32,34 @@ class RemoveOverlay(Op):
     Config = RemoveOverlayConfig
 
     def apply(self, item: Item) -> Item:
-        c = self.config
-        given = item.context.get(OVERLAY_MASK_COLUMN)
-        if c.mask != "detect" and given is not None and has_mask(np.asarray(given)):
-            region = np.asarray(given)
-            if region.shape != item.image.shape[:2]:
-                raise OpInputError(
-                    f"overlay mask is {region.shape[1]}x{region.shape[0]} but the image is "
-                    f"{item.image.shape[1]}x{item.image.shape[0]}; masks must match the source photo"
-                )
-        elif c.mask == "given":
-            return item  # only rows whose manifest names an overlay_mask_uri are retouched
-        else:
-            region = detect_overlay(item.image, c.detect_sensitivity, c.detect_max_stroke)
-        region = (region >= 128).astype(np.uint8) * 255
-        if not region.any():
+        region = overlay_region(item, self.config)
+        if region is None:
             return item
-        if c.dilate:
-            region = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * c.dilate + 1,) * 2))
-        flag = cv2.INPAINT_TELEA if c.method == "telea" else cv2.INPAINT_NS
-        return item.with_image(cv2.inpaint(item.image, region, c.radius, flag))
+        flag = cv2.INPAINT_TELEA if self.config.method == "telea" else cv2.INPAINT_NS
+        return item.with_image(cv2.inpaint(item.image, region, self.config.radius, flag))
+
+
+def overlay_region(item: Item, c: RemoveOverlayConfig) -> np.ndarray | None:
+    """The (dilated) uint8 region to repaint for a row, or None when there is nothing to do:
+    the row's given overlay mask, or a detected one, as the config's `mask` mode says."""
+    given = item.context.get(OVERLAY_MASK_COLUMN)
+    if c.mask != "detect" and given is not None and has_mask(np.asarray(given)):
+        region = np.asarray(given)
+        if region.shape != item.image.shape[:2]:
+            raise OpInputError(
+                f"overlay mask is {region.shape[1]}x{region.shape[0]} but the image is "
+                f"{item.image.shape[1]}x{item.image.shape[0]}; masks must match the source photo"
+            )
+    elif c.mask == "given":
+        return None  # only rows whose manifest names an overlay_mask_uri are retouched
+    else:
+        region = detect_overlay(item.image, c.detect_sensitivity, c.detect_max_stroke)
+    region = (region >= 128).astype(np.uint8) * 255
+    if not region.any():
+        return None
+    if c.dilate:
+        region = cv2.dilate(region, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * c.dilate + 1,) * 2))
+    return region
 
 
 def detect_overlay(image: np.ndarray, sensitivity: float = 3.0, max_stroke: int = 9) -> np.ndarray:

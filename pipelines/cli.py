@@ -64,6 +64,7 @@ def run(
     num_gpus: int = typer.Option(None, help="local Ray only: GPUs to expose"),
     cpu_batch_size: int = typer.Option(4, min=1, help="rows per CPU task batch"),
     gpu_batch_size: int = typer.Option(4, min=1, help="rows per GPU actor batch (recipes may override)"),
+    model_cache: str = typer.Option(None, help="node-local model cache (default: $SKUSTUDIO_MODEL_CACHE or ~/.cache/skustudio/models)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Run recipes over a catalog manifest and write variants + scores as Parquet."""
@@ -73,6 +74,7 @@ def run(
     cfg = RunConfig(
         manifest=manifest, recipes=tuple(recipe), output=output, run_id=run_id, address=address, s3_endpoint=s3_endpoint,
         num_cpus=num_cpus, num_gpus=num_gpus, cpu_batch_size=cpu_batch_size, gpu_batch_size=gpu_batch_size,
+        model_cache=model_cache,
     )  # fmt: skip
     summary = _guarded(lambda: run_catalog(cfg))
     _print_summary(summary)

@@ -114,6 +114,9 @@ class Recipe:
             except OpConfigError as exc:
                 raise RecipeError(f"{source}: ops[{i}]: {exc}") from None
             self.steps.append(Step(step, op))
+        fanning = [s.op.name for s in self.steps if hasattr(s.op, "segment_ids")]
+        if len(fanning) > 1:
+            raise RecipeError(f"{source}: at most one segment step per recipe, got {fanning}")
         self.hash = hashlib.sha256(json.dumps(self.canonical(), sort_keys=True).encode()).hexdigest()
 
     @property
@@ -123,6 +126,19 @@ class Recipe:
     @property
     def op_keys(self) -> list[str]:
         return [s.op.key for s in self.steps]
+
+    def fan_out(self) -> list[str | None]:
+        """The segment of each output variant: `variants` rows, each repeated per audience
+        segment when the recipe has a segment step (segment None otherwise)."""
+        segments: list[str | None] = [None]
+        for s in self.steps:
+            if hasattr(s.op, "segment_ids"):
+                segments = list(s.op.segment_ids())
+        return [seg for _ in range(self.spec.variants) for seg in segments]
+
+    def model_refs(self) -> list[tuple[Step, str, str]]:
+        """(step, config field, reference) for every model the recipe loads."""
+        return [(s, field, ref) for s in self.steps for field, ref in s.op.model_refs().items()]
 
     @property
     def uses_seed(self) -> bool:

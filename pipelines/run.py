@@ -20,7 +20,9 @@ import time
 from cluster.connect import connect
 from cluster.resources import apply_data_context, plan_resources
 from ops.codec import DEFAULT_MAX_PIXELS
+from ops.models import ModelError, ModelInfo
 from pipelines.manifest import check_columns
+from pipelines.model_store import ModelStore
 from pipelines.plan import build_dataset, select_kind
 from pipelines.schema import ERROR_SCHEMA, VARIANT_SCHEMA
 from pipelines.stages import RunContext
@@ -45,6 +47,7 @@ class RunConfig:
     gpu_batch_size: int = 4
     max_gpus: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    model_cache: str | None = None
 
     def resolved_run_id(self) -> str:
         run_id = self.run_id or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%dT%H%M%SZ")
@@ -78,13 +81,15 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     t0 = time.perf_counter()
     run_id = cfg.resolved_run_id()
     storage = StorageConfig.from_env(cfg.s3_endpoint)
-    ctx = RunContext(run_id=run_id, output=cfg.output.rstrip("/"), recipe_refs=tuple(cfg.recipes), storage=storage, max_pixels=cfg.max_pixels)
+    ctx = RunContext(run_id=run_id, output=cfg.output.rstrip("/"), recipe_refs=tuple(cfg.recipes), storage=storage, max_pixels=cfg.max_pixels,
+                     model_cache=cfg.model_cache)
 
     # 1. Everything that can be checked before work: recipes load, manifest has its columns.
     recipes = ctx.recipes()
     if len(recipes) != len(cfg.recipes):
         raise ValueError(f"two recipes share a name: {list(cfg.recipes)}; recipe names must be unique in a run")
     columns = check_columns(cfg.manifest, storage)
+    check_models(recipes.values(), ModelStore(cfg.model_cache, storage))
 
     # 2. Reach Ray and plan resources.
     cluster = connect(cfg.address, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
@@ -129,6 +134,29 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     }
     write_bytes(join(run_prefix, "_run.json"), json.dumps(record, indent=2, default=str).encode(), storage, "application/json")
     return summary
+
+
+def check_models(recipes, store: ModelStore) -> None:
+    """Every model a recipe names exists, is complete, and fits its op, checked from listings
+    and small metadata files before any worker (or GPU) starts. All problems in one error."""
+    problems = []
+    seen: dict[str, ModelInfo | ModelError] = {}
+    for recipe in recipes:
+        for step, field, ref in recipe.model_refs():
+            if ref not in seen:
+                try:
+                    seen[ref] = store.describe(ref)
+                except ModelError as exc:
+                    seen[ref] = exc
+            found = seen[ref]
+            try:
+                if isinstance(found, ModelError):
+                    raise found
+                step.op.check_model(field, found)
+            except ModelError as exc:
+                problems.append(f"recipe {recipe.name!r}, op {step.op.name!r}: {exc}")
+    if problems:
+        raise ModelError("; ".join(dict.fromkeys(problems)))
 
 
 def _summarise(rows, run_id: str, prefix: str, wall_s: float) -> RunSummary:
@@ -178,7 +206,7 @@ def _count_keys(table):
 
 def _versions() -> dict[str, str]:
     out = {}
-    for pkg in ("skustudio", "ray", "torch", "diffusers", "pyarrow", "boto3", "pillow", "opencv-contrib-python-headless", "scikit-image", "numpy"):
+    for pkg in ("skustudio", "ray", "torch", "diffusers", "transformers", "spandrel", "pyarrow", "boto3", "pillow", "opencv-contrib-python-headless", "scikit-image", "numpy"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:

@@ -15,6 +15,7 @@ VARIANT_COLUMNS = [
     ("sku", pa.string()),
     ("recipe", pa.string()),
     ("variant", pa.int32()),
+    ("segment", pa.string()),  # audience segment id (segment_variants recipes), else null
     ("source_uri", pa.string()),
     ("source_sha256", pa.string()),
     ("output_uri", pa.string()),
@@ -23,6 +24,9 @@ VARIANT_COLUMNS = [
     ("height", pa.int32()),
     ("format", pa.string()),
     ("seed", pa.int64()),
+    # Models the variant went through, in step order, and their content hashes.
+    ("model", pa.list_(pa.string())),
+    ("model_sha256", pa.list_(pa.string())),
     ("recipe_hash", pa.string()),
     ("ops", pa.list_(pa.string())),
     ("passed", pa.bool_()),

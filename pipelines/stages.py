@@ -26,6 +26,7 @@ from ops.codec import CONTENT_TYPES, DEFAULT_MAX_PIXELS, EXTENSIONS, decode_imag
 from ops.overlay import OVERLAY_MASK_COLUMN
 from ops.scores import quality_scores
 from pipelines.manifest import normalise_row
+from pipelines.model_store import ModelStore
 from pipelines.recipes import Recipe, load_recipe
 from pipelines.schema import FETCHED_SCHEMA, OUTPUT_SCHEMA, PARSED_SCHEMA
 from pipelines.storage import StorageConfig, StorageError, join, read_bytes, safe_key_part, write_bytes
@@ -45,6 +46,7 @@ class RunContext:
     storage: StorageConfig
     max_pixels: int = DEFAULT_MAX_PIXELS
     fetch_threads: int = 16
+    model_cache: str | None = None  # None: $SKUSTUDIO_MODEL_CACHE or ~/.cache/skustudio/models
 
     def recipes(self) -> dict[str, Recipe]:
         loaded = [load_recipe(ref) for ref in self.recipe_refs]
@@ -71,7 +73,7 @@ def derive_seed(sku: str, recipe: str, variant: int, attempt: int = 0) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-_TEXT_COLUMNS = frozenset({"sku", "source_uri", "title", "category", "attributes", "recipe", "source_sha256", "notes", "error", "stage", "error_type"})
+_TEXT_COLUMNS = frozenset({"sku", "source_uri", "title", "category", "attributes", "recipe", "segment", "source_sha256", "notes", "models", "error", "stage", "error_type"})
 
 
 def _rows(batch: Batch) -> list[dict[str, Any]]:
@@ -157,10 +159,12 @@ class Fetch:
 
 
 WORK_KEYS = [
-    "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "seed", "source_sha256",
-    "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes",
+    "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "segment", "seed", "source_sha256",
+    "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models",
     "error", "stage", "error_type",
 ]  # fmt: skip
+# `models` is a JSON list of [reference, sha256] pairs, one per model-backed step the row
+# went through (a string, so it survives Ray's numpy <-> Arrow conversions unchanged).
 
 
 class DecodeAndExpand:
@@ -175,7 +179,7 @@ class DecodeAndExpand:
         out = []
         for row in table.to_pylist():
             base = {k: row.get(k) for k in ("sku", "source_uri", "title", "category", "attributes", "source_sha256", "error", "stage", "error_type")}
-            base.update(recipe="", variant=-1, seed=0, next_step=0, duration_s=0.0, notes="")
+            base.update(recipe="", variant=-1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]")
             base.update(source=EMPTY_IMAGE, image=EMPTY_IMAGE, mask=NO_MASK, affine=identity_affine(), overlay_mask=NO_MASK)
             if base["error"]:
                 out.append(base)
@@ -193,12 +197,14 @@ class DecodeAndExpand:
             decode_s = time.perf_counter() - t0
             for name in row["recipes"]:
                 recipe = self.recipes[name]
-                for v in range(recipe.spec.variants):
+                # One row per variant, times one per audience segment for segment recipes.
+                for v, segment in enumerate(recipe.fan_out()):
                     out.append(
                         {
                             **base,
                             "recipe": name,
                             "variant": v,
+                            "segment": segment,
                             "seed": derive_seed(row["sku"], name, v),
                             "source": decoded.image,
                             "image": decoded.image,
@@ -231,6 +237,7 @@ class RunSteps:
     def __init__(self, ctx: RunContext, label: str):
         self.label = label
         self.recipes = ctx.recipes()
+        self.store = ModelStore(ctx.model_cache, ctx.storage)
         # step_label hashes an op's config: compute it once here, not per row per pass.
         self.runs_here = {name: [step_label(r, i) == label for i in range(len(r.steps))] for name, r in self.recipes.items()}
 
@@ -257,11 +264,29 @@ class RunSteps:
         op = recipe.steps[k].op
         stage = f"op:{op.name}"
         try:
+            if not op._ready:
+                # Models come from the store (downloaded once per node), then setup() loads them.
+                op.bind_models({field: self.store.fetch(ref) for field, ref in op.model_refs().items()})
             op.ensure_setup()
         except Exception as exc:  # noqa: BLE001 - a broken model fails its rows, not the run
             for r in rows:
                 _fail(r, stage, exc)
             return
+        # Cheap per-row checks first, so one bad row does not send its batch to the slow path.
+        ok = []
+        for r in rows:
+            try:
+                op.check_item(self._op_batch_items([r])[0])
+                ok.append(r)
+            except Exception as exc:  # noqa: BLE001
+                _fail(r, stage, exc)
+        rows = ok
+        if not rows:
+            return
+        trail = [[ref, op.models[field].sha256] for field, ref in op.model_refs().items()]
+        if trail:
+            for r in rows:
+                r["models"] = json.dumps(json.loads(r["models"] or "[]") + trail)
         t0 = time.perf_counter()
         try:
             results = op(self._op_batch(rows))
@@ -276,12 +301,21 @@ class RunSteps:
                 except Exception as exc:  # noqa: BLE001
                     _fail(r, stage, exc)
 
-    @staticmethod
-    def _op_batch(rows: list[dict]) -> Batch:
-        items = [Item(r["image"], r["mask"], np.asarray(r["affine"], np.float64).reshape(2, 3), int(r["seed"]), {}) for r in rows]
-        ctx_cols = {k: [r[k] for r in rows] for k in ("sku", "title", "category", "attributes")}
+    _CONTEXT = ("sku", "title", "category", "attributes", "segment")
+
+    @classmethod
+    def _op_batch_items(cls, rows: list[dict]) -> list[Item]:
+        return [
+            Item(r["image"], r["mask"], np.asarray(r["affine"], np.float64).reshape(2, 3), int(r["seed"]),
+                 {**{k: r[k] for k in cls._CONTEXT}, OVERLAY_MASK_COLUMN: r["overlay_mask"]})
+            for r in rows
+        ]  # fmt: skip
+
+    @classmethod
+    def _op_batch(cls, rows: list[dict]) -> Batch:
+        ctx_cols = {k: [r[k] for r in rows] for k in cls._CONTEXT}
         ctx_cols[OVERLAY_MASK_COLUMN] = [r["overlay_mask"] for r in rows]
-        return batch_of(items, {"image": None, **ctx_cols})
+        return batch_of(cls._op_batch_items(rows), {"image": None, **ctx_cols})
 
     @staticmethod
     def _take(row: dict, results: Batch, i: int, seconds: float) -> None:
@@ -327,6 +361,7 @@ class Finish:
         uri = join(self.ctx.output, self.ctx.run_id, "images", key)
         write_bytes(uri, data, self.ctx.storage, CONTENT_TYPES[fmt])
         h, w = image.shape[:2]
+        models = json.loads(r["models"] or "[]")
         return {
             "kind": "variant",
             "run_id": self.ctx.run_id,
@@ -340,7 +375,10 @@ class Finish:
             "width": w,
             "height": h,
             "format": fmt,
+            "segment": r["segment"],
             "seed": int(r["seed"]),
+            "model": [m[0] for m in models],
+            "model_sha256": [m[1] for m in models],
             "recipe_hash": recipe.hash,
             "ops": recipe.op_keys,
             "passed": not reasons,

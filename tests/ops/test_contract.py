@@ -19,7 +19,11 @@ def test_every_op_has_name_version_and_a_default_or_a_named_requirement():
         except OpConfigError as exc:
             assert f"op {name!r}" in str(exc)
             needs_params.add(name)
-    assert needs_params == {"pad", "resize", "stamp_watermark"}
+    # Every model-backed op needs its model named; nothing else needs more than defaults.
+    with_models = {"scene", "restyle", "outpaint", "instruct_edit", "segment_variants", "upscale", "inpaint_gan"}
+    assert needs_params == {"pad", "resize", "stamp_watermark"} | with_models
+    for name in with_models:
+        assert op_class(name).model_fields == ("model",)
 
 
 def test_bad_value_names_field_and_value():

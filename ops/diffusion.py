@@ -1,0 +1,400 @@
+"""Diffusion ops (diffusers): new scenes, restyles, outpainting and instruction edits, with
+the product's own pixels composited back after every one of them.
+
+Each op loads a diffusers `save_pretrained` directory from the model store once per worker,
+renders a prompt per row from its template and the row's catalog fields, and runs rows of
+the same working-canvas size through the pipeline together (one call, a generator per row,
+so a row's image depends on its seed and not on its batch neighbours).
+
+Generation happens on a working canvas (`size` on the long side, both sides multiples of 64,
+e.g. 512 for SD 1.5); the result is resized back to the row's resolution and the product is
+pasted over it at full resolution, so the product region is the source's own pixels whatever
+the canvas size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from typing import Any, ClassVar, Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ops.base import Batch, Item, Op, OpConfig, OpInputError, Resources, batch_of, has_mask, items_of
+from ops.composite import feather_alpha, paste_product, product_core, repaint_mask
+from ops.geometry import parse_aspect, translate_step
+from ops.models import LocalModel, ModelError, ModelInfo, offline_hub
+from ops.prompts import check_template, render
+from ops.registry import register
+from ops.torch_runtime import Device, Precision, Runtime, generators, pick_runtime
+
+log = logging.getLogger(__name__)
+
+# Pipeline classes (model_index.json `_class_name`) each op family can start from. diffusers'
+# AutoPipeline maps any of them to the inpainting / img2img variant of the same family.
+SD_FAMILY = {
+    "StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLImg2ImgPipeline",
+}  # fmt: skip
+INSTRUCT_FAMILY = {"StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"}
+
+DEFAULT_NEGATIVE = "blurry, lowres, distorted, watermark, text, logo, extra objects, deformed"
+
+
+class DiffusionConfig(OpConfig):
+    model: str = Field(..., min_length=1, description="diffusers save_pretrained directory: local path or s3:// prefix")
+    prompt: str = "professional product photo of {title}, {category}, high detail"
+    negative_prompt: str = DEFAULT_NEGATIVE
+    steps: int = Field(20, ge=1, le=200)
+    guidance: float = Field(7.5, ge=0, le=30)
+    size: int = Field(512, ge=64, le=2048, description="working canvas long side (px), rounded to a multiple of 64")
+    feather_px: float = Field(2.0, ge=0, le=64, description="ramp across the product edge when pasting it back")
+    max_batch: int = Field(8, ge=1, le=64, description="rows per pipeline call")
+    device: Device = "auto"
+    precision: Precision = "auto"
+    compile: bool = Field(False, description="torch.compile the UNet (CUDA only; the first batch pays the compile)")
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return check_template(v, op_name="diffusion")
+
+
+@dataclasses.dataclass
+class _Job:
+    """One row's pipeline input on the working canvas."""
+
+    row: int
+    image: Image.Image
+    mask: Image.Image | None
+    prompt: str
+    negative: str
+    seed: int
+    canvas: tuple[int, int]  # (width, height)
+
+
+class DiffusionOp(Op):
+    """Shared machinery; subclasses say which pipeline they need and how a row maps to and
+    from the canvas."""
+
+    Config = DiffusionConfig
+    uses_seed = True
+    model_fields = ("model",)
+    default_resources = Resources(cpus=1, gpus=1, memory_mb=8000)
+    pipeline_kind: ClassVar[Literal["inpaint", "img2img", "instruct"]] = "inpaint"
+    unet_in_channels: ClassVar[tuple[int, ...]] = (4, 9)
+
+    # ------------------------------------------------------------------ model
+
+    def check_model(self, field: str, info: ModelInfo) -> None:
+        family = INSTRUCT_FAMILY if self.pipeline_kind == "instruct" else SD_FAMILY
+        if info.kind != "diffusers":
+            raise ModelError(f"op {self.name!r} needs a diffusers pipeline directory, but model {info.ref!r} is a {info.suffix} checkpoint file")
+        if info.class_name not in family:
+            raise ModelError(
+                f"op {self.name!r} cannot use model {info.ref!r}: it is a {info.class_name}, and this op needs one of "
+                f"{', '.join(sorted(family))}"
+            )
+        if info.unet_in_channels is not None and info.unet_in_channels not in self.unet_in_channels:
+            raise ModelError(
+                f"op {self.name!r} cannot use model {info.ref!r}: its UNet takes {info.unet_in_channels} input channels, "
+                f"this op needs {' or '.join(map(str, self.unet_in_channels))}"
+                + (" (an inpainting checkpoint cannot do img2img; use the base model)" if info.unet_in_channels == 9 else "")
+            )
+
+    def setup(self) -> None:
+        c = self.config
+        self.runtime = pick_runtime(c.device, c.precision, cpu_threads=self.resources.cpus)
+        self.pipe = load_pipeline(self.models["model"], self.pipeline_kind, self.runtime, compile_unet=c.compile)
+        self.scale_multiple = 64
+
+    # ------------------------------------------------------------------ rows
+
+    def check_item(self, item: Item) -> None:
+        product_core(item.mask, self.name)
+
+    def __call__(self, batch: Batch) -> Batch:
+        self.ensure_setup()
+        items = items_of(batch)
+        # 1. Map every row onto its working canvas (CPU; raises for a row that cannot run).
+        jobs = [self.prepare(i, item) for i, item in enumerate(items)]
+        # 2. Run rows with the same canvas together, at most max_batch per pipeline call.
+        generated: dict[int, np.ndarray] = {}
+        by_canvas: dict[tuple[int, int], list[_Job]] = {}
+        for job in jobs:
+            by_canvas.setdefault(job.canvas, []).append(job)
+        for group in by_canvas.values():
+            for start in range(0, len(group), self.config.max_batch):
+                chunk = group[start : start + self.config.max_batch]
+                for job, out in zip(chunk, self.generate(chunk)):
+                    generated[job.row] = out
+        # 3. Back to each row's resolution, with the product's own pixels pasted back.
+        return batch_of([self.finish(item, generated[i]) for i, item in enumerate(items)], batch)
+
+    def canvas_for(self, width: int, height: int) -> tuple[int, int]:
+        """Working canvas with the row's aspect: long side `size`, both multiples of 64."""
+        m, size = self.scale_multiple, self.config.size
+        long_side = max(m, round(size / m) * m)
+        if width >= height:
+            return long_side, max(m, round(long_side * height / width / m) * m)
+        return max(m, round(long_side * width / height / m) * m), long_side
+
+    def prompts(self, item: Item) -> tuple[str, str]:
+        return render(self.config.prompt, item.context), render(self.config.negative_prompt, item.context)
+
+    def prepare(self, row: int, item: Item) -> _Job:
+        """Default (scene-like): the row's image and a repaint mask outside the product."""
+        core = product_core(item.mask, self.name)
+        h, w = item.image.shape[:2]
+        cw, ch = self.canvas_for(w, h)
+        image = cv2.resize(item.image, (cw, ch), interpolation=cv2.INTER_AREA)
+        repaint = cv2.resize(repaint_mask(core, self.config.feather_px), (cw, ch), interpolation=cv2.INTER_NEAREST)
+        prompt, negative = self.prompts(item)
+        return _Job(row, Image.fromarray(image), Image.fromarray(repaint), prompt, negative, item.seed, (cw, ch))
+
+    def generate(self, jobs: list[_Job]) -> list[np.ndarray]:
+        import torch
+
+        c = self.config
+        kwargs: dict[str, Any] = {
+            "prompt": [j.prompt for j in jobs],
+            "negative_prompt": [j.negative for j in jobs],
+            "image": [j.image for j in jobs],
+            "num_inference_steps": c.steps,
+            "guidance_scale": c.guidance,
+            "generator": generators([j.seed for j in jobs], self.runtime.device if self.runtime.on_gpu else "cpu"),
+            "output_type": "np",
+        }
+        kwargs.update(self.pipeline_kwargs(jobs))
+        with torch.inference_mode():
+            images = self.pipe(**kwargs).images
+        return [np.clip(np.asarray(im) * 255.0 + 0.5, 0, 255).astype(np.uint8) for im in images]
+
+    def pipeline_kwargs(self, jobs: list[_Job]) -> dict[str, Any]:
+        w, h = jobs[0].canvas
+        return {"mask_image": [j.mask for j in jobs], "height": h, "width": w, "strength": 1.0}
+
+    def finish(self, item: Item, generated: np.ndarray) -> Item:
+        h, w = item.image.shape[:2]
+        full = cv2.resize(generated, (w, h), interpolation=cv2.INTER_CUBIC if generated.shape[0] < h else cv2.INTER_AREA)
+        alpha = feather_alpha(product_core(item.mask, self.name), self.config.feather_px)
+        return item.with_image(paste_product(full, item.image, alpha))
+
+
+# ---------------------------------------------------------------------------------- ops
+
+
+@register
+class Scene(DiffusionOp):
+    """A new background around the product: inpaint everything outside the product mask."""
+
+    name = "scene"
+    version = "1"
+
+
+class RestyleConfig(DiffusionConfig):
+    prompt: str = "{title}, warm seasonal lifestyle setting, soft natural light"
+    strength: float = Field(0.55, gt=0, le=1, description="how far from the source image (img2img)")
+
+
+@register
+class Restyle(DiffusionOp):
+    """img2img over the whole frame (lighting, season, material looks); product pasted back."""
+
+    name = "restyle"
+    version = "1"
+    Config = RestyleConfig
+    pipeline_kind = "img2img"
+    unet_in_channels = (4,)
+
+    def prepare(self, row: int, item: Item) -> _Job:
+        product_core(item.mask, self.name)
+        h, w = item.image.shape[:2]
+        cw, ch = self.canvas_for(w, h)
+        prompt, negative = self.prompts(item)
+        image = cv2.resize(item.image, (cw, ch), interpolation=cv2.INTER_AREA)
+        return _Job(row, Image.fromarray(image), None, prompt, negative, item.seed, (cw, ch))
+
+    def pipeline_kwargs(self, jobs: list[_Job]) -> dict[str, Any]:
+        return {"strength": self.config.strength}
+
+
+class InstructEditConfig(DiffusionConfig):
+    prompt: str = "soft window light"
+    negative_prompt: str = ""
+    image_guidance: float = Field(1.5, ge=0, le=10, description="how closely to follow the input image")
+
+
+@register
+class InstructEdit(Restyle):
+    """Edit by instruction with an InstructPix2Pix-style pipeline ("make it golden hour")."""
+
+    name = "instruct_edit"
+    version = "1"
+    Config = InstructEditConfig
+    pipeline_kind = "instruct"
+    unet_in_channels = (8,)
+
+    def pipeline_kwargs(self, jobs: list[_Job]) -> dict[str, Any]:
+        return {"image_guidance_scale": self.config.image_guidance}
+
+
+class OutpaintConfig(DiffusionConfig):
+    prompt: str = "{title}, seamless continuation of the scene, product photography"
+    aspect: str = Field("4:5", description="target width:height, e.g. 4:5, 16:9, 1:1")
+    anchor: Literal["center", "top", "bottom", "left", "right"] = "center"
+
+    @field_validator("aspect")
+    @classmethod
+    def _aspect(cls, v: str) -> str:
+        parse_aspect(v)
+        return v
+
+
+@register
+class Outpaint(DiffusionOp):
+    """Extend the canvas to a target aspect ratio; every original pixel is kept."""
+
+    name = "outpaint"
+    version = "1"
+    Config = OutpaintConfig
+
+    def check_item(self, item: Item) -> None:
+        pass  # keeps the whole original frame, so it needs no product mask
+
+    def placement(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """(new width, new height, x offset, y offset) of the original inside the new frame."""
+        ar = parse_aspect(self.config.aspect)
+        nw, nh = (max(w, round(h * ar)), h) if w / h < ar else (w, max(h, round(w / ar)))
+        dx = {"left": 0, "right": nw - w}.get(self.config.anchor, (nw - w) // 2)
+        dy = {"top": 0, "bottom": nh - h}.get(self.config.anchor, (nh - h) // 2)
+        return nw, nh, dx, dy
+
+    def prepare(self, row: int, item: Item) -> _Job:
+        h, w = item.image.shape[:2]
+        nw, nh, dx, dy = self.placement(w, h)
+        # Edge-replicated border: a neutral start for the model where there are no pixels yet.
+        frame = cv2.copyMakeBorder(item.image, dy, nh - h - dy, dx, nw - w - dx, cv2.BORDER_REPLICATE)
+        repaint = np.full((nh, nw), 255, np.uint8)
+        repaint[dy : dy + h, dx : dx + w] = 0
+        cw, ch = self.canvas_for(nw, nh)
+        prompt, negative = self.prompts(item)
+        return _Job(
+            row,
+            Image.fromarray(cv2.resize(frame, (cw, ch), interpolation=cv2.INTER_AREA)),
+            Image.fromarray(cv2.resize(repaint, (cw, ch), interpolation=cv2.INTER_NEAREST)),
+            prompt,
+            negative,
+            item.seed,
+            (cw, ch),
+        )
+
+    def finish(self, item: Item, generated: np.ndarray) -> Item:
+        h, w = item.image.shape[:2]
+        nw, nh, dx, dy = self.placement(w, h)
+        out = cv2.resize(generated, (nw, nh), interpolation=cv2.INTER_CUBIC)
+        out[dy : dy + h, dx : dx + w] = item.image
+        mask = item.mask
+        if has_mask(mask):
+            mask = cv2.copyMakeBorder(mask, dy, nh - h - dy, dx, nw - w - dx, cv2.BORDER_CONSTANT, value=0)
+        return item.moved(out, mask, translate_step(dx, dy))
+
+
+class Segment(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    prompt: str
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return check_template(v, op_name="segment_variants")
+
+
+class SegmentVariantsConfig(DiffusionConfig):
+    segments: list[Segment] = Field(..., min_length=1, max_length=64)
+
+    @field_validator("segments")
+    @classmethod
+    def _unique(cls, v: list[Segment]) -> list[Segment]:
+        ids = [s.id for s in v]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"segment ids must be unique, got {ids}")
+        return v
+
+
+@register
+class SegmentVariants(Scene):
+    """One scene per audience segment: the pipeline fans each input out into one row per
+    segment (the `segment` column) and this op paints each with its segment's prompt."""
+
+    name = "segment_variants"
+    version = "1"
+    Config = SegmentVariantsConfig
+
+    def segment_ids(self) -> list[str]:
+        return [s.id for s in self.config.segments]
+
+    def prompts(self, item: Item) -> tuple[str, str]:
+        segment = item.context.get("segment")
+        by_id = {s.id: s.prompt for s in self.config.segments}
+        if segment not in by_id:
+            raise OpInputError(f"segment_variants: row has segment {segment!r}, not one of {sorted(by_id)}")
+        return render(by_id[segment], item.context), render(self.config.negative_prompt, item.context)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+_pipes: dict[tuple, Any] = {}
+_pipes_lock = threading.Lock()
+
+
+def load_pipeline(model: LocalModel, kind: str, runtime: Runtime, *, compile_unet: bool = False):
+    """Load a diffusers pipeline from local files only, once per process per (model, device,
+    dtype): several ops or recipes using one model share its weights, and the inpainting /
+    img2img views of one model share components through `from_pipe`."""
+    offline_hub()
+    import diffusers.utils.logging as dlog
+    import torch
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+
+    dlog.disable_progress_bar()
+    with _pipes_lock:
+        base_key = (model.sha256, runtime.device, str(runtime.dtype), compile_unet)
+        base = _pipes.get(base_key)
+        if base is None:
+            index = json.loads((model.path / "model_index.json").read_text())
+            extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+            try:
+                base = DiffusionPipeline.from_pretrained(str(model.path), torch_dtype=runtime.dtype, local_files_only=True, **extra)
+            except Exception as exc:  # noqa: BLE001 - any loader failure is a broken model
+                raise ModelError(f"model {model.ref!r} (sha256 {model.sha256[:12]}) failed to load: {type(exc).__name__}: {exc}") from None
+            base.to(runtime.device)
+            base.set_progress_bar_config(disable=True)
+            if runtime.on_gpu:
+                base.unet.to(memory_format=torch.channels_last)
+                base.vae.to(memory_format=torch.channels_last)
+                if compile_unet:
+                    base.unet = torch.compile(base.unet, mode="max-autotune-no-cudagraphs")
+            _pipes[base_key] = base
+            log.info("loaded %s (%s) on %s as %s", model.ref, type(base).__name__, runtime.device, runtime.dtype)
+        key = base_key + (kind,)
+        pipe = _pipes.get(key)
+        if pipe is None:
+            if kind == "instruct":
+                pipe = base
+            else:
+                auto = AutoPipelineForInpainting if kind == "inpaint" else AutoPipelineForImage2Image
+                try:
+                    pipe = auto.from_pipe(base)
+                except Exception as exc:  # noqa: BLE001
+                    raise ModelError(f"model {model.ref!r} cannot serve as an {kind} pipeline: {exc}") from None
+                pipe.set_progress_bar_config(disable=True)
+            _pipes[key] = pipe
+        return pipe

@@ -1,0 +1,144 @@
+"""Model files on local disk: what an op loads its weights from, and how it checks them.
+
+A model reference (in a recipe) is a local path or an `s3://` URI of either
+- a diffusers `save_pretrained` directory (has `model_index.json`), for diffusion ops, or
+- one checkpoint file (`.safetensors`, `.pth`, `.pt`, `.ckpt`, or an OpenCV `.pb` graph),
+  for GAN ops.
+
+The pipeline's model store (`pipelines/model_store.py`) turns S3 references into local
+copies; ops only ever see a `LocalModel`. Loading never touches a model hub: diffusers and
+transformers run with their offline switches on and `local_files_only=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".pb")
+DIFFUSERS_INDEX = "model_index.json"
+# Written by the model store beside a cached copy; never part of the content hash.
+STORE_MARKER = ".skustudio-model.json"
+
+
+class ModelError(ValueError):
+    """A model reference is missing, broken, or of a type the op cannot use. The message
+    names the reference and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a model reference holds, read from small metadata files only (no weights), so a
+    run can check every model before any GPU time is spent."""
+
+    ref: str
+    kind: str  # 'diffusers' or 'checkpoint'
+    class_name: str = ""  # diffusers pipeline class (model_index.json), '' for checkpoints
+    unet_in_channels: int | None = None  # 4 text/img2img, 9 inpainting, 8 instruct-pix2pix
+    suffix: str = ""  # checkpoint file suffix, '' for diffusers directories
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalModel:
+    """A model ready to load: its reference as written, the local path, the content hash."""
+
+    ref: str
+    path: Path
+    sha256: str
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (relative names and their hashes, sorted),
+    so the same weights hash the same wherever they were copied from."""
+    path = Path(path)
+    if path.is_file():
+        return _file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != STORE_MARKER):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_files(ref: str, names: list[str], read_small) -> ModelInfo:
+    """Classify a model from its file names (relative to the reference) and a reader of small
+    files (`read_small(relative_name) -> bytes`). Shared by local paths and S3 prefixes."""
+    if names == [""]:  # the reference is one file
+        suffix = Path(ref).suffix.lower()
+        if suffix not in CHECKPOINT_SUFFIXES:
+            raise ModelError(
+                f"model {ref!r} is a single file with suffix {suffix or '(none)'!r}; a checkpoint must be one of "
+                f"{', '.join(CHECKPOINT_SUFFIXES)}, or point at a diffusers save_pretrained directory"
+            )
+        return ModelInfo(ref=ref, kind="checkpoint", suffix=suffix)
+    if DIFFUSERS_INDEX in names:
+        try:
+            index = json.loads(read_small(DIFFUSERS_INDEX))
+            class_name = str(index["_class_name"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"model {ref!r}: {DIFFUSERS_INDEX} is not a diffusers index ({exc}); re-save it with save_pretrained") from None
+        in_channels = None
+        if "unet" in index:
+            if "unet/config.json" not in names:
+                raise ModelError(f"model {ref!r}: model_index.json names a unet but unet/config.json is missing; the copy is incomplete")
+            try:
+                in_channels = int(json.loads(read_small("unet/config.json"))["in_channels"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ModelError(f"model {ref!r}: unet/config.json is unreadable ({exc})") from None
+        for component, spec in index.items():
+            if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+                continue
+            if not any(n.startswith(component + "/") for n in names):
+                raise ModelError(f"model {ref!r}: component {component!r} is listed in model_index.json but its folder is missing")
+        return ModelInfo(ref=ref, kind="diffusers", class_name=class_name, unet_in_channels=in_channels)
+    checkpoints = [n for n in names if Path(n).suffix.lower() in CHECKPOINT_SUFFIXES and "/" not in n]
+    if len(checkpoints) == 1 and len(names) == 1:
+        return ModelInfo(ref=ref, kind="checkpoint", suffix=Path(checkpoints[0]).suffix.lower())
+    if not names:
+        raise ModelError(f"model {ref!r} not found (no file, and no objects under that prefix); check the path or upload the model")
+    raise ModelError(
+        f"model {ref!r} is a directory without {DIFFUSERS_INDEX} ({len(names)} files); point at a diffusers "
+        "save_pretrained directory, or at one checkpoint file"
+    )
+
+
+def describe_local(ref: str) -> ModelInfo:
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return describe_files(ref, [""], lambda _name: path.read_bytes())
+    if path.is_dir():
+        names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != STORE_MARKER)
+        return describe_files(ref, names, lambda name: (path / name).read_bytes())
+    raise ModelError(f"model {ref!r} not found on this machine; check the path, or use an s3:// reference the workers can reach")
+
+
+_local_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def local_model(ref: str) -> LocalModel:
+    """A local reference as a LocalModel (hashed once per process per file state)."""
+    describe_local(ref)
+    path = Path(ref).expanduser().resolve()
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    state = (str(path), len(files), max((int(p.stat().st_mtime_ns) for p in files), default=0))
+    if state not in _local_hashes:
+        _local_hashes[state] = content_sha256(path)
+    return LocalModel(ref=ref, path=path, sha256=_local_hashes[state])
+
+
+def offline_hub() -> None:
+    """Loading must never reach a model hub: a missing file is an error, not a download."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["DIFFUSERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -1,0 +1,69 @@
+"""Where and how torch models run: device, dtype, and the inference settings GPU ops share.
+
+On CUDA: half precision (bf16 where supported, else fp16), channels_last, TF32 matmuls,
+SDPA attention (diffusers' default processor on torch 2), optional `torch.compile`. On CPU
+(tests, laptops, clusters whose GPUs are only logical): fp32 and the same code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+Device = Literal["auto", "cuda", "cpu"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    device: str  # 'cuda' or 'cpu'
+    dtype: object  # torch.dtype
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+
+def pick_runtime(device: Device = "auto", precision: Precision = "auto", *, cpu_threads: float = 1.0) -> Runtime:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device on this worker; use device: auto")
+    dev = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    if precision == "auto":
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev == "cuda" else torch.float32
+    else:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if dev == "cpu":
+        # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs the op declared.
+        torch.set_num_threads(max(1, int(cpu_threads)))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return Runtime(device=dev, dtype=dtype)
+
+
+def generators(seeds, device: str):
+    """One torch.Generator per row, so a row's noise depends on its seed alone, not on which
+    rows share its batch."""
+    import torch
+
+    return [torch.Generator(device=device).manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF) for s in seeds]
+
+
+def to_tensor(images: list[np.ndarray], runtime: Runtime):
+    """HxWx3 uint8 RGB arrays (same size) -> Bx3xHxW float in [0, 1] on the runtime device."""
+    import torch
+
+    arr = np.stack(images).astype(np.float32) / 255.0
+    t = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return t.to(runtime.device, runtime.dtype)
+
+
+def to_uint8(t) -> list[np.ndarray]:
+    """Bx3xHxW float in [0, 1] -> HxWx3 uint8 arrays."""
+    arr = t.detach().float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return list(arr)

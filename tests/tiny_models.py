@@ -1,0 +1,89 @@
+"""Tiny models built the way diffusers' own fast tests build them: small configs, a fixed
+`torch.manual_seed` before each component, random weights, `save_pretrained` to a folder.
+Tests upload the folders to the loopback S3 server and load them through the real model
+store, exactly as production weights are loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOKENIZER = Path(__file__).parent / "fixtures" / "tiny-clip-tokenizer"
+
+# model_index.json class per kind; the UNet's input channels say what the model can do.
+SD_KINDS = {
+    "text2img": ("StableDiffusionPipeline", 4),
+    "inpaint": ("StableDiffusionInpaintPipeline", 9),
+    "instruct": ("StableDiffusionInstructPix2PixPipeline", 8),
+}
+
+
+def save_tiny_sd(path: Path, kind: str = "text2img", seed: int = 0) -> Path:
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    class_name, in_channels = SD_KINDS[kind]
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(tokenizer),
+        )
+    )
+    pipe_cls = getattr(diffusers, class_name)
+    extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = pipe_cls(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, **extra)
+    pipe.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def save_tiny_esrgan(path: Path, scale: int = 2, seed: int = 0) -> Path:
+    """A small RRDBNet (ESRGAN) with random weights, as a safetensors state dict."""
+    from safetensors.torch import save_file
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    net = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+def save_tiny_lama(path: Path, seed: int = 0) -> Path:
+    from safetensors.torch import save_file
+    from spandrel.architectures.LaMa import LaMa
+
+    torch.manual_seed(seed)
+    net = LaMa(in_nc=4, out_nc=3)  # image + mask in, as the published LaMa checkpoints
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
