@@ -30,26 +30,46 @@ class ResourcePlan:
     max_gpus: float | None = None  # GPUs the cluster can scale to (autoscaling); None = what it has now
     object_store_limit_bytes: int | None = None
 
-    def pool_for(self, step) -> PoolPlan:
-        """Actor pool for a step: its recipe's pool bounds, capped by the GPUs reachable."""
-        res = step.op.resources
-        spec = step.spec.pool
+    def pool_for(self, steps, pools: int = 1) -> PoolPlan:
+        """Actor pool for a group of consecutive pool steps (one actor runs them all): the
+        largest per-step need, the recipe's pool bounds, capped by the GPUs reachable.
+
+        `pools` is how many GPU pools the run has. They stream concurrently, so each needs
+        its actors at once: when their minimum sizes do not fit the GPUs, each actor gets a
+        share of a GPU instead of the pipeline waiting forever on an actor that never starts."""
+        steps = list(steps)
+        names = "+".join(s.op.key for s in steps)
+        gpus_each = max(s.op.resources.gpus for s in steps)
+        cpus_each = max(s.op.resources.cpus for s in steps)
+        spec = next((s.spec.pool for s in steps if s.spec.pool is not None), None)
+        sizes = [s.spec.batch_size for s in steps if s.spec.batch_size]
         lo, hi = (spec.min_size, spec.max_size) if spec else (1, 1)
-        if res.gpus > 0:
+        if gpus_each > 0:
             gpus = self.max_gpus if self.max_gpus is not None else self.cluster_gpus
-            if gpus < res.gpus:
+            if gpus < gpus_each:
                 raise ValueError(
-                    f"op {step.op.key} needs {res.gpus} GPU per actor but the cluster has {gpus:g}; "
+                    f"op {names} needs {gpus_each:g} GPU per actor but the cluster has {gpus:g}; "
                     "start Ray with GPUs, or lower resources.gpus for this step"
                 )
-            hi = max(1, min(hi, int(gpus // res.gpus)))
+            if pools > 1 and pools * gpus_each > gpus:
+                shared = gpus / pools
+                log.warning("%d GPU pools on %g GPUs: %s gets %.2f GPU per actor (declared %g)", pools, gpus, names, shared, gpus_each)
+                gpus_each = shared
+            hi = max(1, min(hi, int(gpus // gpus_each)))
             lo = min(lo, hi)
+        # Pool actors hold their CPUs for the whole run: leave at least one CPU to the CPU
+        # stages (decode, cut-out, encode) that feed them, or the stream stalls.
+        if pools * lo * cpus_each > max(0.0, self.cluster_cpus - 1):
+            shared = max(0.1, (self.cluster_cpus - 1) / max(1, pools * lo))
+            if shared < cpus_each:
+                log.warning("GPU pools would hold every CPU: %s gets %.2f CPU per actor (declared %g)", names, shared, cpus_each)
+                cpus_each = shared
         return PoolPlan(
             min_size=lo,
             max_size=max(lo, hi),
-            num_gpus=res.gpus,
-            num_cpus=res.cpus,
-            batch_size=step.spec.batch_size or self.gpu_batch_size,
+            num_gpus=gpus_each,
+            num_cpus=cpus_each,
+            batch_size=min(sizes) if sizes else self.gpu_batch_size,
         )
 
     def describe(self) -> str:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from cluster.resources import ResourcePlan
 from pipelines.manifest import read_manifest
 from pipelines.recipes import Recipe
-from pipelines.stages import DecodeAndExpand, Fetch, Finish, ParseRows, RunContext, RunSteps, step_label
+from pipelines.stages import DecodeAndExpand, Fetch, Finish, ParseRows, RunContext, RunSteps, pool_group, step_label
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,13 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
     # Fetch is I/O bound: a fraction of a CPU, many requests in flight per task.
     ds = ds.map_batches(Fetch(ctx), batch_format="pyarrow", batch_size=plan.cpu_batch_size, num_cpus=plan.fetch_cpus)
     ds = ds.map_batches(DecodeAndExpand(ctx), batch_format="pyarrow", **cpu)
-    for st in stage_sequence(recipes):
+    stages = stage_sequence(recipes)
+    n_pools = len({st.label for st in stages if st.label != "cpu"})
+    for st in stages:
         if st.label == "cpu":
             ds = ds.map_batches(RunSteps(ctx, "cpu"), batch_format="numpy", **cpu)
             continue
-        step = st.recipe.steps[st.step_index]
-        pool = plan.pool_for(step)
+        pool = plan.pool_for(pool_steps(st), n_pools)
         log.info("stage %s: actor pool %d..%d, %.2f GPU/actor, batch %d", st.label, pool.min_size, pool.max_size, pool.num_gpus, pool.batch_size)
         ds = ds.map_batches(
             RunSteps,
@@ -83,6 +84,10 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
             num_cpus=pool.num_cpus,
         )
     return ds.map_batches(Finish(ctx), batch_format="numpy", **cpu)
+
+
+def pool_steps(st: StagePlan) -> list:
+    return [st.recipe.steps[i] for i in pool_group(st.recipe, st.step_index)]
 
 
 def select_kind(kind: str, columns: list[str]):

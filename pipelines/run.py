@@ -23,7 +23,7 @@ from ops.codec import DEFAULT_MAX_PIXELS
 from ops.models import ModelError, ModelInfo
 from pipelines.manifest import check_columns
 from pipelines.model_store import ModelStore
-from pipelines.plan import build_dataset, select_kind
+from pipelines.plan import build_dataset, pool_steps, select_kind, stage_sequence
 from pipelines.schema import ERROR_SCHEMA, VARIANT_SCHEMA
 from pipelines.stages import RunContext
 from pipelines.storage import StorageConfig, arrow_filesystem, join, write_bytes
@@ -96,10 +96,9 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     plan = plan_resources(cluster, cpu_batch_size=cfg.cpu_batch_size, gpu_batch_size=cfg.gpu_batch_size, max_gpus=cfg.max_gpus)
     apply_data_context(plan)
     log.info("run %s: %s", run_id, plan.describe())
-    for r in recipes.values():
-        for step in r.steps:
-            if step.op.resources.uses_gpu:
-                plan.pool_for(step)  # fails now, before any work, if the cluster cannot host it
+    stages = [st for st in stage_sequence(list(recipes.values())) if st.label != "cpu"]
+    for st in stages:
+        plan.pool_for(pool_steps(st), len(stages))  # fails now, before any work, if the cluster cannot host it
 
     # 3. Execute. Only metadata rows (no pixels) are materialised; images were written by workers.
     run_prefix = join(ctx.output, run_id)

@@ -217,13 +217,31 @@ class DecodeAndExpand:
         return _columns(out, WORK_KEYS)
 
 
+def _on_pool(step) -> bool:
+    return step.op.resources.uses_gpu or step.spec.pool is not None
+
+
+def pool_group(recipe: Recipe, index: int) -> range:
+    """The run of consecutive pool steps (GPU ops) around step `index`. One actor pool runs
+    the whole run, so a row goes scene -> outpaint -> upscale on one GPU without a trip
+    through the object store between ops, and a recipe never holds several GPU pools that
+    wait on each other."""
+    a = b = index
+    while a > 0 and _on_pool(recipe.steps[a - 1]):
+        a -= 1
+    while b + 1 < len(recipe.steps) and _on_pool(recipe.steps[b + 1]):
+        b += 1
+    return range(a, b + 1)
+
+
 def step_label(recipe: Recipe, index: int) -> str:
-    """Where step `index` of a recipe runs: 'cpu' (fused tasks) or its own actor pool."""
-    step = recipe.steps[index]
-    if step.op.resources.uses_gpu or step.spec.pool is not None:
-        cfg = json.dumps(step.op.config.model_dump(mode="json"), sort_keys=True)
-        return f"pool:{step.op.key}:{hashlib.sha256(cfg.encode()).hexdigest()[:8]}"
-    return "cpu"
+    """Where step `index` of a recipe runs: 'cpu' (fused tasks) or an actor pool named by the
+    ops of its pool group and a hash of their configs (equal groups in two recipes share it)."""
+    if not _on_pool(recipe.steps[index]):
+        return "cpu"
+    group = [recipe.steps[i] for i in pool_group(recipe, index)]
+    cfg = json.dumps([[s.op.key, s.op.config.model_dump(mode="json")] for s in group], sort_keys=True)
+    return f"pool:{'+'.join(s.op.name for s in group)}:{hashlib.sha256(cfg.encode()).hexdigest()[:8]}"
 
 
 class RunSteps:

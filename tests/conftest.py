@@ -65,3 +65,33 @@ def shared_photos():
     if not photos.is_dir():
         pytest.skip("../shared/photos is not present on this machine")
     return photos
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random-weight models, saved the way real ones are (diffusers save_pretrained,
+    safetensors state dicts): {name: local path}."""
+    from tests.tiny_models import save_tiny_esrgan, save_tiny_lama, save_tiny_sd
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "sd": save_tiny_sd(root / "sd", "text2img"),
+        "sd_inpaint": save_tiny_sd(root / "sd-inpaint", "inpaint"),
+        "sd_instruct": save_tiny_sd(root / "sd-instruct", "instruct"),
+        "esrgan_x2": save_tiny_esrgan(root / "esrgan-x2.safetensors", scale=2),
+        "lama": save_tiny_lama(root / "lama.safetensors"),
+    }
+
+
+def upload(s3_endpoint: str, bucket: str, prefix: str, path: Path) -> str:
+    """Upload a file or a folder to s3://bucket/prefix; returns the model reference."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    path = Path(path)
+    if path.is_file():
+        client.upload_file(str(path), bucket, prefix)
+        return f"s3://{bucket}/{prefix}"
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        client.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(path).as_posix()}")
+    return f"s3://{bucket}/{prefix}"

@@ -53,6 +53,6 @@ def test_gpu_op_on_a_cluster_without_gpus_fails_before_work(ray_session, tmp_pat
 
     manifest = write_sample_catalog(tmp_path / "cat", 1)
     cfg = RunConfig(manifest=str(manifest), recipes=(_recipe(tmp_path, "big", 4),), output=str(tmp_path / "o"), run_id="x")
-    with pytest.raises(ValueError, match="needs 4.0 GPU per actor but the cluster has 1"):
+    with pytest.raises(ValueError, match="needs 4 GPU per actor but the cluster has 1"):
         run_catalog(cfg)
     assert not (tmp_path / "o" / "x").exists()
