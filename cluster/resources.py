@@ -17,6 +17,9 @@ class PoolPlan:
     num_gpus: float
     num_cpus: float
     batch_size: int
+    # Batches in flight per actor: while one runs on the GPU, the next is prepared and the
+    # last one's outputs are finished on the CPU (ops serialise their model calls).
+    concurrency: int = 2
 
 
 @dataclasses.dataclass(frozen=True)

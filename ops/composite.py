@@ -33,20 +33,22 @@ def feather_alpha(core: np.ndarray, feather_px: float) -> np.ndarray:
     return np.clip(inside / float(feather_px), 0.0, 1.0).astype(np.float32)
 
 
-def repaint_mask(core: np.ndarray, feather_px: float) -> np.ndarray:
-    """uint8 mask (255 = let the model paint): everything but the product's inner core, so
-    the generated background runs under the feather ramp and no old background shows."""
-    keep = feather_alpha(core, feather_px) >= 1.0
-    return np.where(keep, 0, 255).astype(np.uint8)
+def repaint_mask(alpha: np.ndarray) -> np.ndarray:
+    """uint8 mask (255 = let the model paint) from a feather alpha: everything but the
+    product's inner core, so the generated background runs under the feather ramp and no old
+    background shows through."""
+    return np.where(alpha >= 1.0, 0, 255).astype(np.uint8)
 
 
 def paste_product(generated: np.ndarray, source: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """alpha * source + (1 - alpha) * generated, exact where alpha == 1."""
+    """alpha * source + (1 - alpha) * generated; bit-exact source where alpha == 1. Only the
+    thin ramp is blended in floating point (this runs on the GPU worker between batches)."""
     if generated.shape != source.shape:
         raise ValueError(f"paste_product: generated {generated.shape} and source {source.shape} differ")
-    a = alpha[..., None]
-    out = source.astype(np.float32) * a + generated.astype(np.float32) * (1.0 - a)
-    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    out = generated.copy()
     full = alpha >= 1.0
-    out[full] = source[full]  # bit-exact, not merely within rounding
+    out[full] = source[full]
+    band = (alpha > 0) & ~full
+    a = alpha[band][:, None]
+    out[band] = np.clip(source[band] * a + generated[band] * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
     return out

@@ -31,7 +31,7 @@ from ops.geometry import parse_aspect, translate_step
 from ops.models import LocalModel, ModelError, ModelInfo, offline_hub
 from ops.prompts import check_template, render
 from ops.registry import register
-from ops.torch_runtime import Device, Precision, Runtime, generators, pick_runtime
+from ops.torch_runtime import Device, Precision, Runtime, device_lock, generators, pick_runtime
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class _Job:
     negative: str
     seed: int
     canvas: tuple[int, int]  # (width, height)
+    alpha: np.ndarray | None = None  # full-resolution paste-back alpha, computed once
 
 
 class DiffusionOp(Op):
@@ -87,6 +88,8 @@ class DiffusionOp(Op):
     model_fields = ("model",)
     default_resources = Resources(cpus=1, gpus=1, memory_mb=8000)
     pipeline_kind: ClassVar[Literal["inpaint", "img2img", "instruct"]] = "inpaint"
+    # Canvas sides are multiples of this: SD's VAE downsamples 8x and its UNet 8x more.
+    scale_multiple: ClassVar[int] = 64
     unet_in_channels: ClassVar[tuple[int, ...]] = (4, 9)
 
     # ------------------------------------------------------------------ model
@@ -111,7 +114,7 @@ class DiffusionOp(Op):
         c = self.config
         self.runtime = pick_runtime(c.device, c.precision, cpu_threads=self.resources.cpus)
         self.pipe = load_pipeline(self.models["model"], self.pipeline_kind, self.runtime, compile_unet=c.compile)
-        self.scale_multiple = 64
+        self.lock = device_lock(self.models["model"].sha256)
 
     # ------------------------------------------------------------------ rows
 
@@ -134,7 +137,7 @@ class DiffusionOp(Op):
                 for job, out in zip(chunk, self.generate(chunk)):
                     generated[job.row] = out
         # 3. Back to each row's resolution, with the product's own pixels pasted back.
-        return batch_of([self.finish(item, generated[i]) for i, item in enumerate(items)], batch)
+        return batch_of([self.finish(item, generated[i], jobs[i]) for i, item in enumerate(items)], batch)
 
     def canvas_for(self, width: int, height: int) -> tuple[int, int]:
         """Working canvas with the row's aspect: long side `size`, both multiples of 64."""
@@ -149,13 +152,13 @@ class DiffusionOp(Op):
 
     def prepare(self, row: int, item: Item) -> _Job:
         """Default (scene-like): the row's image and a repaint mask outside the product."""
-        core = product_core(item.mask, self.name)
+        alpha = feather_alpha(product_core(item.mask, self.name), self.config.feather_px)
         h, w = item.image.shape[:2]
         cw, ch = self.canvas_for(w, h)
-        image = cv2.resize(item.image, (cw, ch), interpolation=cv2.INTER_AREA)
-        repaint = cv2.resize(repaint_mask(core, self.config.feather_px), (cw, ch), interpolation=cv2.INTER_NEAREST)
         prompt, negative = self.prompts(item)
-        return _Job(row, Image.fromarray(image), Image.fromarray(repaint), prompt, negative, item.seed, (cw, ch))
+        image = _resized(item.image, cw, ch, cv2.INTER_AREA)
+        repaint = _resized(repaint_mask(alpha), cw, ch, cv2.INTER_NEAREST)
+        return _Job(row, Image.fromarray(image), Image.fromarray(repaint), prompt, negative, item.seed, (cw, ch), alpha)
 
     def generate(self, jobs: list[_Job]) -> list[np.ndarray]:
         import torch
@@ -171,7 +174,7 @@ class DiffusionOp(Op):
             "output_type": "np",
         }
         kwargs.update(self.pipeline_kwargs(jobs))
-        with torch.inference_mode():
+        with self.lock, torch.inference_mode():
             images = self.pipe(**kwargs).images
         return [np.clip(np.asarray(im) * 255.0 + 0.5, 0, 255).astype(np.uint8) for im in images]
 
@@ -179,10 +182,10 @@ class DiffusionOp(Op):
         w, h = jobs[0].canvas
         return {"mask_image": [j.mask for j in jobs], "height": h, "width": w, "strength": 1.0}
 
-    def finish(self, item: Item, generated: np.ndarray) -> Item:
+    def finish(self, item: Item, generated: np.ndarray, job: _Job) -> Item:
         h, w = item.image.shape[:2]
-        full = cv2.resize(generated, (w, h), interpolation=cv2.INTER_CUBIC if generated.shape[0] < h else cv2.INTER_AREA)
-        alpha = feather_alpha(product_core(item.mask, self.name), self.config.feather_px)
+        full = _resized(generated, w, h, cv2.INTER_CUBIC if generated.shape[0] < h else cv2.INTER_AREA)
+        alpha = job.alpha if job.alpha is not None else feather_alpha(product_core(item.mask, self.name), self.config.feather_px)
         return item.with_image(paste_product(full, item.image, alpha))
 
 
@@ -217,7 +220,7 @@ class Restyle(DiffusionOp):
         h, w = item.image.shape[:2]
         cw, ch = self.canvas_for(w, h)
         prompt, negative = self.prompts(item)
-        image = cv2.resize(item.image, (cw, ch), interpolation=cv2.INTER_AREA)
+        image = _resized(item.image, cw, ch, cv2.INTER_AREA)
         return _Job(row, Image.fromarray(image), None, prompt, negative, item.seed, (cw, ch))
 
     def pipeline_kwargs(self, jobs: list[_Job]) -> dict[str, Any]:
@@ -294,10 +297,10 @@ class Outpaint(DiffusionOp):
             (cw, ch),
         )
 
-    def finish(self, item: Item, generated: np.ndarray) -> Item:
+    def finish(self, item: Item, generated: np.ndarray, job: _Job) -> Item:
         h, w = item.image.shape[:2]
         nw, nh, dx, dy = self.placement(w, h)
-        out = cv2.resize(generated, (nw, nh), interpolation=cv2.INTER_CUBIC)
+        out = _resized(generated, nw, nh, cv2.INTER_CUBIC).copy()
         out[dy : dy + h, dx : dx + w] = item.image
         mask = item.mask
         if has_mask(mask):
@@ -347,6 +350,12 @@ class SegmentVariants(Scene):
         if segment not in by_id:
             raise OpInputError(f"segment_variants: row has segment {segment!r}, not one of {sorted(by_id)}")
         return render(by_id[segment], item.context), render(self.config.negative_prompt, item.context)
+
+
+def _resized(image: np.ndarray, width: int, height: int, interpolation: int) -> np.ndarray:
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
 # ---------------------------------------------------------------------------------- loading

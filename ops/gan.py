@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ops.models import LocalModel, ModelError, ModelInfo
-from ops.torch_runtime import Runtime, to_tensor, to_uint8
+from ops.torch_runtime import Runtime, device_lock, to_tensor, to_uint8
 
 SPANDREL_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 
@@ -44,12 +44,12 @@ def load_spandrel(model: LocalModel, runtime: Runtime, purposes: tuple[str, ...]
                 ) from None
             desc.model.eval()
             desc.to(runtime.device)
-            if runtime.on_gpu:
-                half = runtime.dtype.is_floating_point and runtime.dtype.itemsize == 2
-                if half and str(runtime.dtype).endswith("bfloat16") and desc.supports_bfloat16:
-                    desc.bfloat16()
-                elif half and desc.supports_half:
+            if runtime.on_gpu and runtime.dtype.itemsize == 2:
+                # fp16 first: some architectures (LaMa's FFTs) take fp16 but not bf16.
+                if desc.supports_half:
                     desc.half()
+                elif desc.supports_bfloat16:
+                    desc.bfloat16()
             _loaded[key] = desc
     if desc.purpose not in purposes:
         raise ModelError(
@@ -117,7 +117,8 @@ def run_tiled(desc, images: list[np.ndarray], runtime: Runtime, *, tile: int, ov
         for start in range(0, len(group), tile_batch):
             chunk = group[start : start + tile_batch]
             x = to_tensor([images[t.row][t.y : t.y + t.h, t.x : t.x + t.w] for t in chunk], rt)
-            outs = to_uint8(desc(x))
+            with device_lock(id(desc)):
+                outs = to_uint8(desc(x))
             for t, out in zip(chunk, outs):
                 ys, xs = t.y * scale, t.x * scale
                 acc[t.row][ys : ys + out.shape[0], xs : xs + out.shape[1]] += out.astype(np.float32) * weight[..., None]

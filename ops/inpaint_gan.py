@@ -18,7 +18,7 @@ from ops.geometry import mask_bbox
 from ops.models import ModelInfo
 from ops.overlay import RemoveOverlayConfig, overlay_region
 from ops.registry import register
-from ops.torch_runtime import Device, Precision, pick_runtime, to_tensor, to_uint8
+from ops.torch_runtime import Device, Precision, device_lock, pick_runtime, to_tensor, to_uint8
 
 
 class InpaintGanConfig(RemoveOverlayConfig):
@@ -67,7 +67,7 @@ class InpaintGan(Op):
         small = cv2.resize(crop, size, interpolation=cv2.INTER_AREA) if s < 1 else crop
         small_mask = cv2.resize(crop_mask, size, interpolation=cv2.INTER_NEAREST) if s < 1 else crop_mask
         rt = self.runtime.__class__(self.runtime.device, model_dtype(self.desc))
-        with torch.inference_mode():
+        with device_lock(id(self.desc)), torch.inference_mode():
             m = torch.from_numpy((small_mask >= 128).astype(np.float32))[None, None].to(rt.device, rt.dtype)
             filled = to_uint8(self.desc(to_tensor([small], rt), m))[0]
         if s < 1:

@@ -8,6 +8,7 @@ SDPA attention (diffusers' default processor on torch 2), optional `torch.compil
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Literal
 
 import numpy as np
@@ -67,3 +68,15 @@ def to_uint8(t) -> list[np.ndarray]:
     """Bx3xHxW float in [0, 1] -> HxWx3 uint8 arrays."""
     arr = t.detach().float().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return list(arr)
+
+
+_locks: dict[object, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def device_lock(key: object) -> threading.Lock:
+    """One lock per loaded model. GPU workers run two batches at once so one batch's CPU work
+    (decode-side prep, paste-back) overlaps the other's GPU work; the model itself (and a
+    diffusers scheduler's per-call state) is used by one thread at a time."""
+    with _locks_guard:
+        return _locks.setdefault(key, threading.Lock())

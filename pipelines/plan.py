@@ -79,7 +79,12 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
             fn_constructor_args=(ctx, st.label),
             batch_format="numpy",
             batch_size=pool.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=pool.min_size,
+                max_size=pool.max_size,
+                max_concurrent_calls_per_actor=pool.concurrency,
+                enable_true_multi_threading=pool.concurrency > 1,
+            ),
             num_gpus=pool.num_gpus,
             num_cpus=pool.num_cpus,
         )

@@ -242,7 +242,11 @@ def _print_label(rng, layer: np.ndarray, mask: np.ndarray, kind: str, brand: str
     fs *= min(1.0, 0.9 * (lx1 - lx0) / max(tw, 1))
     (tw, th), _ = cv2.getTextSize(brand, cv2.FONT_HERSHEY_DUPLEX, fs, 2)
     org = ((lx0 + lx1 - tw) // 2, (ly0 + ly1 + th) // 2)
-    cv2.putText(layer, brand, org, cv2.FONT_HERSHEY_DUPLEX, fs, ink, max(1, round(fs * 1.5)), cv2.LINE_AA)
+    # Text coverage drawn on 8 bits, then blended: OpenCV 5 draws text on 8-bit images only.
+    text = np.zeros(mask.shape, np.uint8)
+    cv2.putText(text, brand, org, cv2.FONT_HERSHEY_DUPLEX, fs, 255, max(1, round(fs * 1.5)), cv2.LINE_AA)
+    a = (text.astype(np.float32) / 255.0)[..., None]
+    layer[:] = layer * (1.0 - a) + np.asarray(ink, np.float32) * a
 
 
 def _shadow(mask: np.ndarray) -> np.ndarray:

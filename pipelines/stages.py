@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -54,6 +55,8 @@ class RunContext:
 
 
 _worker_ready = False
+# GPU actors run two batches at a time (see plan.py); model fetch and setup happen once.
+_setup_lock = threading.Lock()
 
 
 def _init_worker() -> None:
@@ -282,10 +285,11 @@ class RunSteps:
         op = recipe.steps[k].op
         stage = f"op:{op.name}"
         try:
-            if not op._ready:
-                # Models come from the store (downloaded once per node), then setup() loads them.
-                op.bind_models({field: self.store.fetch(ref) for field, ref in op.model_refs().items()})
-            op.ensure_setup()
+            with _setup_lock:
+                if not op._ready:
+                    # Models come from the store (downloaded once per node), then setup() loads them.
+                    op.bind_models({field: self.store.fetch(ref) for field, ref in op.model_refs().items()})
+                op.ensure_setup()
         except Exception as exc:  # noqa: BLE001 - a broken model fails its rows, not the run
             for r in rows:
                 _fail(r, stage, exc)

@@ -29,7 +29,7 @@ def test_stage_sequence_splits_cpu_and_pool_steps(tmp_path):
     gpu = load_recipe(_recipe(tmp_path, "gpu", 0.5))
     cpu = load_recipe(_recipe(tmp_path, "cpu", 0))
     labels = [s.label for s in stage_sequence([gpu, cpu])]
-    assert labels[0] == "cpu" and labels[1].startswith("pool:sharpen@") and labels[2] == "cpu"
+    assert labels[0] == "cpu" and labels[1].startswith("pool:sharpen:") and labels[2] == "cpu"
 
 
 def test_gpu_declared_op_runs_on_actor_pool_and_matches_cpu(ray_session, tmp_path):
