@@ -17,9 +17,10 @@ class PoolPlan:
     num_gpus: float
     num_cpus: float
     batch_size: int
-    # Batches in flight per actor: while one runs on the GPU, the next is prepared and the
-    # last one's outputs are finished on the CPU (ops serialise their model calls).
-    concurrency: int = 2
+    # Batches run at once per actor (ops serialise their model calls, so >1 is safe). 1 by
+    # default: on an H100, 2 overlapped CPU prep with GPU work but the GIL contention slowed
+    # the GPU thread's kernel launches, 0.65x instead of 0.93x the plain loop (docs/benchmarks.md).
+    concurrency: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

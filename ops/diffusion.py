@@ -390,7 +390,7 @@ def load_pipeline(model: LocalModel, kind: str, runtime: Runtime, *, compile_une
                 base.unet.to(memory_format=torch.channels_last)
                 base.vae.to(memory_format=torch.channels_last)
                 if compile_unet:
-                    base.unet = torch.compile(base.unet, mode="max-autotune-no-cudagraphs")
+                    base.unet = torch.compile(base.unet)
             _pipes[base_key] = base
             log.info("loaded %s (%s) on %s as %s", model.ref, type(base).__name__, runtime.device, runtime.dtype)
         key = base_key + (kind,)

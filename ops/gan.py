@@ -44,12 +44,10 @@ def load_spandrel(model: LocalModel, runtime: Runtime, purposes: tuple[str, ...]
                 ) from None
             desc.model.eval()
             desc.to(runtime.device)
-            if runtime.on_gpu and runtime.dtype.itemsize == 2:
-                # fp16 first: some architectures (LaMa's FFTs) take fp16 but not bf16.
-                if desc.supports_half:
-                    desc.half()
-                elif desc.supports_bfloat16:
-                    desc.bfloat16()
+            # fp16 where the architecture supports it, else fp32: bf16 is not offered, since
+            # some architectures that claim it (LaMa's FFTs) fail in it on CUDA.
+            if runtime.on_gpu and runtime.dtype.itemsize == 2 and desc.supports_half:
+                desc.half()
             _loaded[key] = desc
     if desc.purpose not in purposes:
         raise ModelError(
