@@ -32,8 +32,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _guarded(fn):
+    from pipelines.run import RunFailed
+
     try:
         return fn()
+    except RunFailed as exc:
+        if os.environ.get("SKUSTUDIO_DEBUG"):
+            raise
+        err.print(f"[bold red]run failed:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(3) from None
     except _user_errors() as exc:
         if os.environ.get("SKUSTUDIO_DEBUG"):
             raise
@@ -65,16 +72,25 @@ def run(
     cpu_batch_size: int = typer.Option(4, min=1, help="rows per CPU task batch"),
     gpu_batch_size: int = typer.Option(4, min=1, help="rows per GPU actor batch (recipes may override)"),
     model_cache: str = typer.Option(None, help="node-local model cache (default: $SKUSTUDIO_MODEL_CACHE or ~/.cache/skustudio/models)"),
+    full: bool = typer.Option(False, "--full", help="regenerate every variant instead of reusing unchanged ones from the last committed run"),
+    max_error_rate: float = typer.Option(0.2, min=0.0, max=1.0, help="commit only if at most this fraction of output rows failed"),
+    etag_check: bool = typer.Option(True, "--etag-check/--no-etag-check", help="skip reading S3 sources whose ETag and size are unchanged"),
+    sse: str = typer.Option(None, help="server-side encryption for every S3 write: AES256 or aws:kms"),
+    sse_kms_key_id: str = typer.Option(None, help="KMS key id or alias for --sse aws:kms"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Run recipes over a catalog manifest and write variants + scores as Parquet."""
+    """Run recipes over a catalog manifest and write variants + scores as Parquet.
+
+    Rerunning an interrupted run with the same --run-id finishes only the unfinished work;
+    unchanged variants of the last committed run under --output are carried forward."""
     _logging(verbose)
     from pipelines.run import RunConfig, run_catalog
 
     cfg = RunConfig(
         manifest=manifest, recipes=tuple(recipe), output=output, run_id=run_id, address=address, s3_endpoint=s3_endpoint,
         num_cpus=num_cpus, num_gpus=num_gpus, cpu_batch_size=cpu_batch_size, gpu_batch_size=gpu_batch_size,
-        model_cache=model_cache,
+        model_cache=model_cache, full=full, max_error_rate=max_error_rate, trust_etag=etag_check, sse=sse,
+        sse_kms_key_id=sse_kms_key_id,
     )  # fmt: skip
     summary = _guarded(lambda: run_catalog(cfg))
     _print_summary(summary)
@@ -107,7 +123,7 @@ def demo(
     t0 = time.perf_counter()
     manifest = write_sample_catalog(output / "catalog", count)
     out.print(f"sample catalog: {count} products in {output / 'catalog'} ({time.perf_counter() - t0:.1f}s)")
-    cfg = RunConfig(manifest=str(manifest), recipes=("marketplace-main", "enhance"), output=str(output / "runs"), run_id="demo")
+    cfg = RunConfig(manifest=str(manifest), recipes=("marketplace-main", "enhance"), output=str(output / "runs"))  # run id: a timestamp; a second demo reuses the first
     summary = _guarded(lambda: run_catalog(cfg))
     _print_summary(summary)
 
@@ -120,6 +136,7 @@ def _print_summary(s) -> None:
         table.add_row(name, str(n))
     out.print(table)
     out.print(f"inputs {s.inputs}  variants {s.variants}  passed gate {s.passed}  errors {s.errors}  in {s.wall_s:.1f}s")
+    out.print(f"generated {s.generated}  reused from the last run {s.reused}  finished by earlier attempts {s.resumed}" + (f"  (attempt {s.attempt})" if s.attempt > 1 else ""))
     if s.errors_by_stage:
         out.print("errors by stage: " + ", ".join(f"{k}={v}" for k, v in sorted(s.errors_by_stage.items())))
     out.print(f"images:   {s.output}/images/")

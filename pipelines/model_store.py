@@ -78,6 +78,14 @@ class ModelStore:
 
         return describe_files(ref, names, read_small)
 
+    def identity(self, ref: str) -> str:
+        """A cheap identity that changes whenever the model's content does, without fetching
+        weights: the listing key (names, sizes, ETags) for S3, the content hash for a local
+        path. Incremental runs compare it to decide whether a variant can be reused."""
+        if not is_s3(ref):
+            return local_model(ref).sha256
+        return _listing_key(ref, self._list(ref))
+
     # ------------------------------------------------------------------ fetch (weights)
 
     def fetch(self, ref: str) -> LocalModel:
@@ -87,8 +95,7 @@ class ModelStore:
         objects = self._list(ref)
         if not objects:
             raise ModelError(f"model {ref!r} not found (no object and no objects under that prefix); check the URI or upload the model")
-        listing = json.dumps(sorted((n, size, etag) for n, (_, size, etag) in objects.items()))
-        key = hashlib.sha256(f"{ref}\n{listing}".encode()).hexdigest()[:32]
+        key = _listing_key(ref, objects)[:32]
         for sub in ("blobs", "index", "locks", "tmp"):
             (self.cache / sub).mkdir(parents=True, exist_ok=True)
         with self._locked(key):
@@ -186,6 +193,11 @@ class ModelStore:
             s3_client(self.storage).download_file(bucket, key, str(dest))
         except (ClientError, BotoCoreError) as exc:
             raise ModelError(f"model {ref!r}: download of {key} failed ({exc}); retry, or check the object") from None
+
+
+def _listing_key(ref: str, objects: dict[str, tuple[str, int, str]]) -> str:
+    listing = json.dumps(sorted((n, size, etag) for n, (_, size, etag) in objects.items()))
+    return hashlib.sha256(f"{ref}\n{listing}".encode()).hexdigest()
 
 
 def _atomic_write(path: Path, text: str) -> None:

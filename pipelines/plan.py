@@ -59,7 +59,7 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
     recipes = list(ctx.recipes().values())
     ds = read_manifest(manifest_uri, ctx.storage, columns)
     cpu = {"num_cpus": 1, "batch_size": plan.cpu_batch_size}
-    ds = ds.map_batches(ParseRows([r.name for r in recipes]), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
+    ds = ds.map_batches(ParseRows([r.name for r in recipes], ctx.duplicates), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
     # A manifest file is read as one block, and Ray runs one task per block: without this
     # streaming split, a 10k-row JSONL would be processed by a single task.
     ds = ds.repartition(target_num_rows_per_block=plan.cpu_batch_size)
@@ -91,14 +91,32 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
     return ds.map_batches(Finish(ctx), batch_format="numpy", **cpu)
 
 
+def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], plan: ResourcePlan) -> tuple[tuple[str, str, int], ...]:
+    """(sku, image_uri to keep, rows) for every sku the manifest lists more than once: a pass
+    over the manifest's valid rows grouped by sku, before any image is fetched."""
+    names = list(ctx.recipes())
+    ds = read_manifest(manifest_uri, ctx.storage, columns)
+    ds = ds.map_batches(ParseRows(names), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
+    keys = ds.map_batches(_valid_keys, batch_format="pyarrow", num_cpus=0.25)
+    counted = keys.groupby("sku", num_partitions=max(1, min(8, int(plan.cluster_cpus)))).map_groups(_repeated, batch_format="pyarrow", num_cpus=0.25)
+    found = tuple(sorted((r["sku"], r["kept"], int(r["rows"])) for r in counted.take_all()))
+    if found:
+        log.warning("%d skus are listed more than once in the manifest (e.g. %r); one row each is kept", len(found), found[0][0])
+    return found
+
+
+def _valid_keys(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_null(table["error"])).select(["sku", "source_uri"])
+
+
+def _repeated(group: pa.Table) -> pa.Table:
+    schema = pa.schema([("sku", pa.string()), ("kept", pa.string()), ("rows", pa.int64())])
+    if len(group) < 2:
+        return schema.empty_table()
+    return pa.table({"sku": [group["sku"][0].as_py()], "kept": [min(group["source_uri"].to_pylist())], "rows": [len(group)]}, schema=schema)
+
+
 def pool_steps(st: StagePlan) -> list:
     return [st.recipe.steps[i] for i in pool_group(st.recipe, st.step_index)]
 
 
-def select_kind(kind: str, columns: list[str]):
-    """A batch function keeping rows of one kind with that table's columns."""
-
-    def select(table: pa.Table) -> pa.Table:
-        return table.filter(pc.equal(table["kind"], kind)).select(columns)
-
-    return select

@@ -1,10 +1,18 @@
-"""One catalog regeneration run: check inputs, plan resources, execute, write the outputs.
+"""One catalog regeneration run: check inputs, plan resources, execute, commit the outputs.
 
-Output layout under OUT/RUN:
-    images/<recipe>/<sku>/v<variant>-<hash>.<ext>   one object per variant
-    variants/*.parquet                               one row per (sku, recipe, variant)
-    errors/*.parquet                                 one row per failed input (or input x recipe)
-    _run.json                                        written last: the run is complete when it exists
+Output layout under OUT:
+    RUN/images/<recipe>/<sku>/v<variant>-<hash>.<ext>   one object per generated variant
+    RUN/variants/*.parquet        one row per (sku, recipe, variant); reused rows point at
+                                  the image object of the run that generated them
+    RUN/errors/*.parquet          one row per failed input (or input x recipe [x variant])
+    RUN/_journal/aNNNN/*.parquet  rows as each batch finished, per attempt (deleted on commit)
+    RUN/_run.json                 written last: the run is committed when it exists
+    _latest                       the last committed run; moves only on success
+
+Commit protocol (see docs/operations.md): tables are written only after every row finished,
+into prefixes cleared first (so a commit interrupted halfway leaves nothing a reader
+accepts), then `_run.json`, then `_latest`. Rerunning the same run id finishes the work
+its interrupted attempts left; rerunning a committed run id is refused.
 """
 
 from __future__ import annotations
@@ -23,14 +31,20 @@ from ops.codec import DEFAULT_MAX_PIXELS
 from ops.models import ModelError, ModelInfo
 from pipelines.manifest import check_columns
 from pipelines.model_store import ModelStore
-from pipelines.plan import build_dataset, pool_steps, select_kind, stage_sequence
-from pipelines.schema import ERROR_SCHEMA, VARIANT_SCHEMA
+from pipelines.plan import build_dataset, find_duplicate_skus, pool_steps, stage_sequence
+from pipelines.sink import dedupe_repeated_rows, write_tables
 from pipelines.stages import RunContext
-from pipelines.storage import StorageConfig, arrow_filesystem, join, write_bytes
+from pipelines.state import JOURNAL, LATEST, RUN_RECORD, journal_attempts, load_prior, recipe_fingerprint
+from pipelines.storage import StorageConfig, delete_objects, exists, join, list_objects, redact, write_bytes
 
 log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RunFailed(RuntimeError):
+    """The run executed but must not be committed (too many failed rows); the message says
+    how many, where the journal is, and how to finish it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +62,25 @@ class RunConfig:
     max_gpus: float | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     model_cache: str | None = None
+    full: bool = False  # regenerate everything instead of reusing the last committed run
+    max_error_rate: float = 0.2  # failed fraction of output rows above which nothing is committed
+    trust_etag: bool = True
+    sse: str | None = None  # server-side encryption of every S3 write: AES256 or aws:kms
+    sse_kms_key_id: str | None = None
 
     def resolved_run_id(self) -> str:
         run_id = self.run_id or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%dT%H%M%SZ")
         if not _RUN_ID.match(run_id):
             raise ValueError(f"run id {run_id!r} may use only letters, digits, '.', '_' and '-' (max 128)")
         return run_id
+
+    def record(self) -> dict:
+        """The config as written to _run.json: URIs without credentials or signatures."""
+        out = dataclasses.asdict(self)
+        for k in ("manifest", "output", "s3_endpoint", "address"):
+            out[k] = redact(out[k])
+        out["recipes"] = [redact(r) for r in self.recipes]
+        return out
 
 
 @dataclasses.dataclass
@@ -67,6 +94,11 @@ class RunSummary:
     errors_by_stage: dict[str, int]
     variants_by_recipe: dict[str, int]
     wall_s: float
+    attempt: int = 1
+    generated: int = 0  # variants made by this attempt
+    reused: int = 0  # carried forward from the last committed run
+    resumed: int = 0  # finished by an earlier, interrupted attempt of this run
+    duplicate_rows: int = 0  # verbatim repeated manifest rows folded into one
 
     @property
     def variants_uri(self) -> str:
@@ -76,20 +108,33 @@ class RunSummary:
     def errors_uri(self) -> str:
         return join(self.output, "errors")
 
+    @property
+    def error_rate(self) -> float:
+        total = self.variants + self.errors
+        return self.errors / total if total else 0.0
+
 
 def run_catalog(cfg: RunConfig) -> RunSummary:
     t0 = time.perf_counter()
     run_id = cfg.resolved_run_id()
-    storage = StorageConfig.from_env(cfg.s3_endpoint)
-    ctx = RunContext(run_id=run_id, output=cfg.output.rstrip("/"), recipe_refs=tuple(cfg.recipes), storage=storage, max_pixels=cfg.max_pixels,
-                     model_cache=cfg.model_cache)
+    if not 0.0 <= cfg.max_error_rate <= 1.0:
+        raise ValueError(f"max_error_rate {cfg.max_error_rate} must be between 0 and 1")
+    storage = StorageConfig.from_env(cfg.s3_endpoint, cfg.sse, cfg.sse_kms_key_id)
+    output = cfg.output.rstrip("/")
+    run_prefix = join(output, run_id)
 
-    # 1. Everything that can be checked before work: recipes load, manifest has its columns.
-    recipes = ctx.recipes()
+    # 1. Everything that can be checked before work: not already committed, recipes load,
+    #    the manifest has its columns, every model exists and fits its op.
+    if exists(join(run_prefix, RUN_RECORD), storage):
+        raise ValueError(f"run {run_id!r} is already committed at {redact(run_prefix)}; choose a new --run-id (nightly jobs: the date)")
+    base = RunContext(run_id=run_id, output=output, recipe_refs=tuple(cfg.recipes), storage=storage, max_pixels=cfg.max_pixels, model_cache=cfg.model_cache)
+    recipes = base.recipes()
     if len(recipes) != len(cfg.recipes):
         raise ValueError(f"two recipes share a name: {list(cfg.recipes)}; recipe names must be unique in a run")
     columns = check_columns(cfg.manifest, storage)
-    check_models(recipes.values(), ModelStore(cfg.model_cache, storage))
+    store = ModelStore(cfg.model_cache, storage)
+    check_models(recipes.values(), store)
+    fingerprints = tuple((name, recipe_fingerprint(r.hash, [store.identity(ref) for _, _, ref in r.model_refs()])) for name, r in recipes.items())
 
     # 2. Reach Ray and plan resources.
     cluster = connect(cfg.address, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
@@ -100,25 +145,39 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     for st in stages:
         plan.pool_for(pool_steps(st), len(stages))  # fails now, before any work, if the cluster cannot host it
 
-    # 3. Execute. Only metadata rows (no pixels) are materialised; images were written by workers.
-    run_prefix = join(ctx.output, run_id)
+    # 3. What can be reused: earlier attempts of this run id, and the last committed run.
+    attempt = max(journal_attempts(run_prefix, storage), default=0) + 1
+    prior = load_prior(output, run_id, storage, attempt=attempt, full=cfg.full)
+    if attempt > 1:
+        log.info("run %s: attempt %d, finishing what earlier attempts left", run_id, attempt)
+    ctx = dataclasses.replace(base, attempt=attempt, prior=prior, recipe_fingerprints=fingerprints, trust_etag=cfg.trust_etag)
+    duplicates = find_duplicate_skus(ctx, cfg.manifest, columns, plan)
+    ctx = dataclasses.replace(ctx, duplicates=duplicates)
+
+    # 4. Execute. Only metadata rows (no pixels) are materialised; images were written by workers.
     rows = build_dataset(ctx, cfg.manifest, columns, plan).materialize()
+    rows, folded = dedupe_repeated_rows(rows, duplicates)
     t_exec = time.perf_counter() - t0
+    summary = _summarise(rows, run_id, run_prefix, time.perf_counter() - t0, attempt)
+    summary.duplicate_rows = folded
+    if summary.error_rate > cfg.max_error_rate:
+        raise RunFailed(
+            f"run {run_id}: {summary.errors} of {summary.variants + summary.errors} output rows failed "
+            f"({summary.error_rate:.1%} > max_error_rate {cfg.max_error_rate:.1%}); nothing was committed. "
+            f"Errors by stage: {summary.errors_by_stage}. Fix the cause and rerun with --run-id {run_id} "
+            f"(finished rows are kept in {redact(join(run_prefix, JOURNAL))}), or raise --max-error-rate."
+        )
 
-    # 4. Sinks: split into the variants and errors tables.
-    for kind, schema, sub in (("variant", VARIANT_SCHEMA, "variants"), ("error", ERROR_SCHEMA, "errors")):
-        fs, path = arrow_filesystem(join(run_prefix, sub), storage)
-        part = rows.map_batches(select_kind(kind, schema.names), batch_format="pyarrow")
-        part.write_parquet(path, filesystem=fs, filename_provider=None, try_create_dir=True)
-
-    summary = _summarise(rows, run_id, run_prefix, time.perf_counter() - t0)
-
-    # 5. _run.json last: its presence marks a complete run.
+    # 5. Commit: tables into cleared prefixes, then _run.json, then move _latest.
+    write_tables(rows, run_prefix, storage)
+    summary.wall_s = time.perf_counter() - t0
     record = {
         "run_id": run_id,
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "config": {**dataclasses.asdict(cfg), "run_id": run_id},
-        "recipes": {name: {"hash": r.hash, "source": r.source, "ops": r.op_keys} for name, r in recipes.items()},
+        "attempt": attempt,
+        "reused_from_run": prior.committed_run if not cfg.full else None,
+        "config": {**cfg.record(), "run_id": run_id},
+        "recipes": {name: {"hash": r.hash, "fingerprint": dict(fingerprints)[name], "source": redact(r.source), "ops": r.op_keys} for name, r in recipes.items()},
         "packages": _versions(),
         "resources": dataclasses.asdict(plan),
         "counts": {
@@ -126,12 +185,22 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
             "variants": summary.variants,
             "passed": summary.passed,
             "errors": summary.errors,
+            "generated": summary.generated,
+            "reused": summary.reused,
+            "resumed": summary.resumed,
+            "duplicate_rows": summary.duplicate_rows,
             "errors_by_stage": summary.errors_by_stage,
             "variants_by_recipe": summary.variants_by_recipe,
         },
         "timings": {"execute_s": round(t_exec, 3), "total_s": round(summary.wall_s, 3)},
     }
-    write_bytes(join(run_prefix, "_run.json"), json.dumps(record, indent=2, default=str).encode(), storage, "application/json")
+    write_bytes(join(run_prefix, RUN_RECORD), json.dumps(record, indent=2, default=str).encode(), storage, "application/json")
+    latest = {"run_id": run_id, "committed_utc": record["created_utc"]}
+    write_bytes(join(output, LATEST), json.dumps(latest).encode(), storage, "application/json")
+    try:  # the journal's rows are all in the committed tables now
+        delete_objects(list_objects(join(run_prefix, JOURNAL), storage), storage)
+    except Exception as exc:  # noqa: BLE001 - leftovers are harmless: never read once committed
+        log.warning("could not delete the journal of run %s: %s", run_id, exc)
     return summary
 
 
@@ -158,18 +227,20 @@ def check_models(recipes, store: ModelStore) -> None:
         raise ModelError("; ".join(dict.fromkeys(problems)))
 
 
-def _summarise(rows, run_id: str, prefix: str, wall_s: float) -> RunSummary:
+def _summarise(rows, run_id: str, prefix: str, wall_s: float, attempt: int = 1) -> RunSummary:
     """Counts by distributed aggregation (only the small grouped results reach the driver)."""
-    keyed = rows.map_batches(_count_keys, batch_format="pyarrow")
+    keyed = rows.map_batches(_count_keys, batch_format="pyarrow", fn_kwargs={"attempt": attempt})
     counts = {r["bucket"]: r["count()"] for r in keyed.groupby("bucket", num_partitions=1).count().take_all()}
     variants_by_recipe: dict[str, int] = {}
     errors_by_stage: dict[str, int] = {}
     passed = input_errors = 0
+    origins = {"generated": 0, "reused": 0, "resumed": 0}
     for key, n in counts.items():
-        kind, a, b = key.split("|")
+        kind, a, b, *rest = key.split("|")
         if kind == "variant":
             variants_by_recipe[a] = variants_by_recipe.get(a, 0) + n
             passed += n if b == "1" else 0
+            origins[rest[0]] += n
         else:
             errors_by_stage[a] = errors_by_stage.get(a, 0) + n
             input_errors += n if b == "input" else 0
@@ -185,18 +256,21 @@ def _summarise(rows, run_id: str, prefix: str, wall_s: float) -> RunSummary:
         errors_by_stage=errors_by_stage,
         variants_by_recipe=variants_by_recipe,
         wall_s=wall_s,
+        attempt=attempt,
+        **origins,
     )
 
 
-def _count_keys(table):
+def _count_keys(table, attempt: int):
     import pyarrow as pa
 
     buckets, inputs = [], []
-    for kind, recipe, stage, passed, sku, src in zip(
-        *(table[c].to_pylist() for c in ("kind", "recipe", "stage", "passed", "sku", "source_uri"))
+    for kind, recipe, stage, passed, sku, src, reused_from, run_attempt in zip(
+        *(table[c].to_pylist() for c in ("kind", "recipe", "stage", "passed", "sku", "source_uri", "reused_from", "run_attempt"))
     ):
         if kind == "variant":
-            buckets.append(f"variant|{recipe}|{int(bool(passed))}")
+            origin = "reused" if reused_from else ("generated" if run_attempt == attempt else "resumed")
+            buckets.append(f"variant|{recipe}|{int(bool(passed))}|{origin}")
         else:
             buckets.append(f"error|{stage}|{'recipe' if recipe else 'input'}")
         inputs.append("" if kind == "error" and not recipe else f"{sku}\x00{src}")

@@ -30,7 +30,8 @@ from pipelines.manifest import normalise_row
 from pipelines.model_store import ModelStore
 from pipelines.recipes import Recipe, load_recipe
 from pipelines.schema import FETCHED_SCHEMA, OUTPUT_SCHEMA, PARSED_SCHEMA
-from pipelines.storage import StorageConfig, StorageError, join, read_bytes, safe_key_part, write_bytes
+from pipelines.state import PriorState, attempt_dir, carried_row, input_sha256, prior_rows, state_key
+from pipelines.storage import StorageConfig, StorageError, head_object, is_s3, join, read_bytes, read_object, safe_key_part, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,24 @@ class RunContext:
     max_pixels: int = DEFAULT_MAX_PIXELS
     fetch_threads: int = 16
     model_cache: str | None = None  # None: $SKUSTUDIO_MODEL_CACHE or ~/.cache/skustudio/models
+    attempt: int = 1  # 1 for a new run; 2, 3, ... when the same run id is rerun to finish it
+    prior: PriorState = PriorState()  # reusable rows (earlier attempts, last committed run)
+    # (recipe name, fingerprint of its hash and model identities): part of every state key.
+    recipe_fingerprints: tuple[tuple[str, str], ...] = ()
+    trust_etag: bool = True  # see docs/operations.md: when an unchanged S3 ETag may skip the GET
+    journal: bool = True  # Finish records each batch under _journal/ so a rerun can resume
+    duplicates: tuple[tuple[str, str, int], ...] = ()  # (sku, kept image_uri, rows) for repeated skus
 
     def recipes(self) -> dict[str, Recipe]:
         loaded = [load_recipe(ref) for ref in self.recipe_refs]
         return {r.name: r for r in loaded}
+
+    def fingerprint(self, recipe: str) -> str:
+        return dict(self.recipe_fingerprints)[recipe]
+
+    @property
+    def run_prefix(self) -> str:
+        return join(self.output, self.run_id)
 
 
 _worker_ready = False
@@ -76,7 +91,10 @@ def derive_seed(sku: str, recipe: str, variant: int, attempt: int = 0) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-_TEXT_COLUMNS = frozenset({"sku", "source_uri", "title", "category", "attributes", "recipe", "segment", "source_sha256", "notes", "models", "error", "stage", "error_type"})
+_TEXT_COLUMNS = frozenset({
+    "sku", "source_uri", "title", "category", "attributes", "recipe", "segment", "source_sha256", "source_etag",
+    "input_sha256", "state_key", "reuse", "notes", "models", "error", "stage", "error_type",
+})  # fmt: skip
 
 
 def _rows(batch: Batch) -> list[dict[str, Any]]:
@@ -114,15 +132,28 @@ def _fail(row: dict, stage: str, exc: BaseException) -> dict:
 
 
 class ParseRows:
-    """Raw manifest rows -> validated rows (or manifest error rows)."""
+    """Raw manifest rows -> validated rows (or manifest error rows).
 
-    def __init__(self, recipe_names: list[str]):
+    `duplicates` holds (sku, kept image_uri, rows) for skus listed more than once, found by a
+    pass over the manifest before the run: the row with the smallest image_uri is kept and
+    every row naming another image becomes an error row, so a sku never gets two sets of
+    variants. Rows repeated verbatim are deduplicated when the run commits."""
+
+    def __init__(self, recipe_names: list[str], duplicates: tuple[tuple[str, str, int], ...] = ()):
         self.recipe_names = recipe_names
+        self.duplicates = {sku: (kept, n) for sku, kept, n in duplicates}
 
     def __call__(self, table):
         rows = []
         for raw in table.to_pylist():
             row = normalise_row(raw, self.recipe_names)
+            if not row["error"] and row["sku"] in self.duplicates:
+                kept, n = self.duplicates[row["sku"]]
+                if row["source_uri"] != kept:
+                    row["error"] = (
+                        f"sku {row['sku']!r} is listed {n} times in the manifest with different images; kept the row "
+                        f"with image_uri {kept!r} and skipped this one ({row['source_uri']!r}); give each product one row"
+                    )
             if row["error"]:
                 row.update(stage="manifest", error_type="ManifestRowError")
             else:
@@ -135,43 +166,81 @@ class ParseRows:
 
 class Fetch:
     """Read each row's source bytes (and optional overlay mask) with a thread pool: fetching
-    is I/O bound, so one CPU slot keeps many requests in flight."""
+    is I/O bound, so one CPU slot keeps many requests in flight. Hashes what it read; never
+    decodes. An S3 source whose every variant the prior state holds is only HEADed when its
+    ETag and size are unchanged (see `_unchanged_by_etag`)."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
+        self.fan_out = {name: len(r.fan_out()) for name, r in ctx.recipes().items()}
 
     def __call__(self, table):
         _init_worker()
         rows = table.to_pylist()
 
         def fetch(row: dict) -> None:
-            row.update(source_bytes=b"", overlay_bytes=b"", source_sha256="")
+            row.update(source_bytes=b"", source_read=False, overlay_bytes=b"", source_sha256="", source_etag="", source_size=0, input_sha256="")
             if row["error"]:
                 return
             try:
-                data = read_bytes(row["source_uri"], self.ctx.storage)
+                if self._unchanged_by_etag(row):
+                    return
+                obj = read_object(row["source_uri"], self.ctx.storage)
                 overlay = read_bytes(row["overlay_mask_uri"], self.ctx.storage) if row["overlay_mask_uri"] else b""
             except Exception as exc:  # noqa: BLE001 - every failure becomes this row's error
                 _fail(row, "fetch", exc)
                 return
-            row.update(source_bytes=data, overlay_bytes=overlay, source_sha256=hashlib.sha256(data).hexdigest())
+            sha = hashlib.sha256(obj.data).hexdigest()
+            overlay_sha = hashlib.sha256(overlay).hexdigest() if overlay else ""
+            row.update(source_bytes=obj.data, source_read=True, overlay_bytes=overlay, source_sha256=sha, source_etag=obj.etag, source_size=len(obj.data),
+                       input_sha256=input_sha256(sha, overlay_sha, row["title"], row["category"], row["attributes"]))  # fmt: skip
 
         with ThreadPoolExecutor(max_workers=min(self.ctx.fetch_threads, max(1, len(rows)))) as pool:
             list(pool.map(fetch, rows))
         return pa.Table.from_pylist(rows, schema=FETCHED_SCHEMA)
 
+    def _unchanged_by_etag(self, row: dict) -> bool:
+        """True (and the row's hashes filled in from the prior state) when a HEAD shows the
+        S3 object has the ETag and size recorded when every one of its variants was made, and
+        every state key still matches: the bytes are then known without reading them."""
+        uri = row["source_uri"]
+        if not (self.ctx.trust_etag and self.ctx.prior and is_s3(uri)) or row["overlay_mask_uri"]:
+            return False
+        priors = prior_rows(self.ctx.prior, row["sku"])
+        wanted = [(name, v) for name in row["recipes"] for v in range(self.fan_out[name])]
+        found = [priors.get(k) for k in wanted]
+        if not found or any(p is None or p["source_uri"] != uri or not p["source_etag"] for p in found):
+            return False
+        if len({(p["source_etag"], p["source_size"], p["source_sha256"]) for p in found}) != 1:
+            return False
+        meta = head_object(uri, self.ctx.storage)
+        if (meta.etag, meta.size) != (found[0]["source_etag"], found[0]["source_size"]):
+            return False
+        sha = found[0]["source_sha256"]
+        ish = input_sha256(sha, "", row["title"], row["category"], row["attributes"])
+        if any(p["state_key"] != state_key(ish, self.ctx.fingerprint(name)) for (name, _), p in zip(wanted, found)):
+            return False
+        row.update(source_sha256=sha, source_etag=meta.etag, source_size=meta.size, input_sha256=ish)
+        return True
+
 
 WORK_KEYS = [
     "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "segment", "seed", "source_sha256",
+    "source_etag", "source_size", "input_sha256", "state_key", "reuse",
     "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models",
     "error", "stage", "error_type",
 ]  # fmt: skip
 # `models` is a JSON list of [reference, sha256] pairs, one per model-backed step the row
-# went through (a string, so it survives Ray's numpy <-> Arrow conversions unchanged).
+# went through, and `reuse` the JSON of a prior variant row this row carries forward ('' when
+# the row is generated): strings, so they survive Ray's numpy <-> Arrow conversions unchanged.
 
 
 class DecodeAndExpand:
-    """Decode each source once, then fan out one work row per (recipe, variant)."""
+    """Decode each source once, then fan out one work row per (recipe, variant). A variant
+    whose state key matches a prior row becomes a `reuse` row that skips every op; a source
+    whose variants are all reusable is not decoded at all."""
+
+    _BASE = ("sku", "source_uri", "title", "category", "attributes", "source_sha256", "source_etag", "source_size", "input_sha256", "error", "stage", "error_type")
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -181,14 +250,32 @@ class DecodeAndExpand:
         _init_worker()
         out = []
         for row in table.to_pylist():
-            base = {k: row.get(k) for k in ("sku", "source_uri", "title", "category", "attributes", "source_sha256", "error", "stage", "error_type")}
-            base.update(recipe="", variant=-1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]")
+            base = {k: row.get(k) for k in self._BASE}
+            base.update(recipe="", variant=-1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", state_key="", reuse="")
             base.update(source=EMPTY_IMAGE, image=EMPTY_IMAGE, mask=NO_MASK, affine=identity_affine(), overlay_mask=NO_MASK)
             if base["error"]:
                 out.append(base)
                 continue
+            # 1. One work row per (recipe, variant[, segment]), each with its state key.
+            priors = prior_rows(self.ctx.prior, row["sku"])
+            work = []
+            for name in row["recipes"]:
+                recipe = self.recipes[name]
+                for v, segment in enumerate(recipe.fan_out()):
+                    key = state_key(row["input_sha256"], self.ctx.fingerprint(name))
+                    prior = priors.get((name, v))
+                    reuse = prior is not None and prior["state_key"] == key
+                    work.append({**base, "recipe": name, "variant": v, "segment": segment, "seed": derive_seed(row["sku"], name, v),
+                                 "state_key": key, "reuse": json.dumps(prior, default=str) if reuse else "",
+                                 "next_step": len(recipe.steps) if reuse else 0})  # fmt: skip
+            if all(w["reuse"] for w in work):
+                out.extend(work)
+                continue
+            # 2. Something to generate: decode once for all of this source's rows.
             t0 = time.perf_counter()
             try:
+                if not row["source_read"]:
+                    raise StorageError(f"source {row['source_uri']} was not read; rerun with --full")  # Fetch skips only when all reuse
                 decoded = decode_image(row["source_bytes"], max_pixels=self.ctx.max_pixels)
                 overlay = NO_MASK
                 if row["overlay_bytes"]:
@@ -198,25 +285,11 @@ class DecodeAndExpand:
                 out.append(_fail(base, "decode", exc))
                 continue
             decode_s = time.perf_counter() - t0
-            for name in row["recipes"]:
-                recipe = self.recipes[name]
-                # One row per variant, times one per audience segment for segment recipes.
-                for v, segment in enumerate(recipe.fan_out()):
-                    out.append(
-                        {
-                            **base,
-                            "recipe": name,
-                            "variant": v,
-                            "segment": segment,
-                            "seed": derive_seed(row["sku"], name, v),
-                            "source": decoded.image,
-                            "image": decoded.image,
-                            "mask": decoded.alpha,
-                            "overlay_mask": overlay,
-                            "duration_s": decode_s,
-                            "notes": "; ".join(decoded.notes) + ("; mask from source alpha" if decoded.alpha.size else ""),
-                        }
-                    )
+            notes = "; ".join(decoded.notes) + ("; mask from source alpha" if decoded.alpha.size else "")
+            for w in work:
+                if not w["reuse"]:
+                    w.update(source=decoded.image, image=decoded.image, mask=decoded.alpha, overlay_mask=overlay, duration_s=decode_s, notes=notes)
+                out.append(w)
         return _columns(out, WORK_KEYS)
 
 
@@ -360,6 +433,9 @@ class Finish:
         _init_worker()
         out = []
         for r in _rows(batch):
+            if r["reuse"]:
+                out.append(carried_row(json.loads(r["reuse"]), self.ctx.run_id, r["source_uri"]))
+                continue
             if not r["error"]:
                 try:
                     out.append(self._finish(r))
@@ -367,7 +443,25 @@ class Finish:
                 except Exception as exc:  # noqa: BLE001
                     _fail(r, "write", exc)
             out.append(self._error_row(r))
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+        table = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+        if self.ctx.journal and len(table):
+            self._journal(table)
+        return table
+
+    def _journal(self, table: pa.Table) -> None:
+        """Record finished rows under _journal/a<attempt>/ so a rerun of an interrupted run
+        reuses them. Named by the rows' keys, so a retried task overwrites its own file."""
+        import pyarrow.parquet as pq
+
+        keys = sorted(f"{k}\x00{s}\x00{r}\x00{v}" for k, s, r, v in zip(*(table[c].to_pylist() for c in ("kind", "sku", "recipe", "variant"))))
+        name = hashlib.sha256("\n".join(keys).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        try:
+            write_bytes(join(attempt_dir(self.ctx.run_prefix, self.ctx.attempt), f"{name}.parquet"), buf.getvalue().to_pybytes(), self.ctx.storage)
+        except StorageError as exc:
+            # The rows are still in the stream and will be committed; only resuming them is lost.
+            log.warning("journal write failed (%s); a rerun after an interruption would redo these %d rows", exc, len(table))
 
     def _finish(self, r: dict) -> dict:
         recipe = self.recipes[r["recipe"]]
@@ -392,6 +486,10 @@ class Finish:
             "variant": int(r["variant"]),
             "source_uri": r["source_uri"],
             "source_sha256": r["source_sha256"],
+            "source_etag": r["source_etag"] or "",
+            "source_size": int(r["source_size"] or 0),
+            "input_sha256": r["input_sha256"],
+            "state_key": r["state_key"],
             "output_uri": uri,
             "output_sha256": digest,
             "width": w,
@@ -408,6 +506,8 @@ class Finish:
             "notes": r["notes"] or "",
             **scores,
             "duration_s": float(r["duration_s"]) + (time.perf_counter() - t0),
+            "reused_from": None,
+            "run_attempt": self.ctx.attempt,
         }
 
     def _error_row(self, r: dict) -> dict:
@@ -416,6 +516,7 @@ class Finish:
             "run_id": self.ctx.run_id,
             "sku": r["sku"],
             "recipe": r["recipe"] or None,
+            "variant": int(r["variant"]) if r["recipe"] and int(r["variant"]) >= 0 else None,
             "source_uri": r["source_uri"],
             "stage": r["stage"],
             "error_type": r["error_type"],

@@ -26,18 +26,42 @@ class StorageError(RuntimeError):
     """An object could not be read or written; the message names the URI and what to do."""
 
 
+SSE_MODES = ("AES256", "aws:kms")
+
+
 @dataclasses.dataclass(frozen=True)
 class StorageConfig:
     endpoint_url: str | None = None
     region: str | None = None
     max_attempts: int = 8
+    # Server-side encryption applied to every object skustudio writes to S3: None (the
+    # bucket's default), "AES256" (SSE-S3) or "aws:kms" (SSE-KMS, with an optional key id).
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+
+    def __post_init__(self):
+        if self.sse not in (None, *SSE_MODES):
+            raise ValueError(f"server-side encryption {self.sse!r} is not one of {', '.join(SSE_MODES)}")
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ValueError("an SSE-KMS key id needs --sse aws:kms")
 
     @classmethod
-    def from_env(cls, endpoint_url: str | None = None) -> StorageConfig:
+    def from_env(cls, endpoint_url: str | None = None, sse: str | None = None, sse_kms_key_id: str | None = None) -> StorageConfig:
         return cls(
             endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
             region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            sse=sse,
+            sse_kms_key_id=sse_kms_key_id,
         )
+
+    def put_args(self) -> dict[str, str]:
+        """Extra PutObject arguments for this config's server-side encryption."""
+        args = {}
+        if self.sse:
+            args["ServerSideEncryption"] = self.sse
+        if self.sse_kms_key_id:
+            args["SSEKMSKeyId"] = self.sse_kms_key_id
+        return args
 
 
 def is_s3(uri: str) -> bool:
@@ -87,29 +111,48 @@ def arrow_filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str
         if cfg.endpoint_url:
             parsed = urllib.parse.urlparse(cfg.endpoint_url)
             kwargs.update(endpoint_override=parsed.netloc or cfg.endpoint_url, scheme=parsed.scheme or "https")
+        # Reads through pyarrow (manifests, earlier runs' tables) retry like boto3 does.
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts)
         return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
-def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
+@dataclasses.dataclass(frozen=True)
+class ObjectData:
+    data: bytes
+    etag: str = ""  # S3 ETag ('' for local files: they have none we can trust)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectMeta:
+    etag: str
+    size: int
+
+
+def _s3_error(uri: str, exc: Exception, verb: str = "reading") -> StorageError:
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return StorageError(f"no object at {uri} (404); check the manifest's image_uri")
+        if code in ("AccessDenied", "403", "Forbidden"):
+            return StorageError(f"access denied {verb} {uri} (403); grant s3:GetObject to the job's role")
+        if code == "NoSuchBucket":
+            return StorageError(f"bucket of {uri} does not exist")
+        return StorageError(f"could not read {uri}: {code or exc}")
+    return StorageError(f"could not read {uri}: {exc}")
+
+
+def read_object(uri: str, cfg: StorageConfig) -> ObjectData:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            return s3_client(cfg).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise StorageError(f"no object at {uri} (404); check the manifest's image_uri") from None
-            if code in ("AccessDenied", "403", "Forbidden"):
-                raise StorageError(f"access denied reading {uri} (403); grant s3:GetObject to the job's role") from None
-            if code == "NoSuchBucket":
-                raise StorageError(f"bucket of {uri} does not exist") from None
-            raise StorageError(f"could not read {uri}: {code or exc}") from None
-        except BotoCoreError as exc:
-            raise StorageError(f"could not read {uri}: {exc}") from None
+            resp = s3_client(cfg).get_object(Bucket=bucket, Key=key)
+            return ObjectData(resp["Body"].read(), resp.get("ETag", ""))
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(uri, exc) from None
     path = Path(uri.removeprefix("file://")).expanduser()
     try:
-        return path.read_bytes()
+        return ObjectData(path.read_bytes())
     except FileNotFoundError:
         raise StorageError(f"no file at {path}; check the manifest's image_uri") from None
     except IsADirectoryError:
@@ -118,11 +161,25 @@ def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
         raise StorageError(f"permission denied reading {path}") from None
 
 
+def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
+    return read_object(uri, cfg).data
+
+
+def head_object(uri: str, cfg: StorageConfig) -> ObjectMeta:
+    """ETag and size of an S3 object without reading it."""
+    bucket, key = split_s3(uri)
+    try:
+        resp = s3_client(cfg).head_object(Bucket=bucket, Key=key)
+        return ObjectMeta(resp.get("ETag", ""), int(resp["ContentLength"]))
+    except (ClientError, BotoCoreError) as exc:
+        raise _s3_error(uri, exc, "checking") from None
+
+
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig, content_type: str = "application/octet-stream") -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            s3_client(cfg).put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
+            s3_client(cfg).put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, **cfg.put_args())
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"could not write {uri}: {exc}") from None
         return
@@ -131,6 +188,65 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig, content_type: str = "
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)  # readers never see a half-written file
+
+
+def exists(uri: str, cfg: StorageConfig) -> bool:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client(cfg).head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"could not check {uri}: {exc}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"could not check {uri}: {exc}") from None
+    return Path(uri.removeprefix("file://")).expanduser().exists()
+
+
+def list_objects(prefix: str, cfg: StorageConfig) -> list[str]:
+    """URIs of every object (file) under `prefix`, sorted; [] when there are none."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        out = []
+        try:
+            for page in s3_client(cfg).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"could not list {prefix}: {exc}") from None
+        return sorted(out)
+    root = Path(prefix.removeprefix("file://")).expanduser()
+    return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+
+def delete_objects(uris: list[str], cfg: StorageConfig) -> None:
+    s3_keys: dict[str, list[str]] = {}
+    for uri in uris:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            s3_keys.setdefault(bucket, []).append(key)
+        else:
+            Path(uri.removeprefix("file://")).expanduser().unlink(missing_ok=True)
+    for bucket, keys in s3_keys.items():
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            try:
+                s3_client(cfg).delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageError(f"could not delete objects in s3://{bucket}: {exc}") from None
+
+
+def redact(uri: str | None) -> str | None:
+    """A URI fit for logs and records: no user:password@ and no query string (which is where
+    presigned URLs carry their signature)."""
+    if not uri or "://" not in uri:
+        return uri
+    parsed = urllib.parse.urlsplit(uri)
+    netloc = parsed.hostname or ""
+    if parsed.port:
+        netloc += f":{parsed.port}"
+    return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, "", ""))
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -29,7 +29,7 @@ def s3_endpoint():
     # Set before Ray starts, so its workers inherit the same (fake) credentials.
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_SECRET_ACCESS_KEY="skustudio-test-secret-7Qz1",  # distinctive, so tests can look for leaks
         AWS_DEFAULT_REGION="us-east-1",
         AWS_REGION="us-east-1",
         AWS_ENDPOINT_URL=endpoint,
@@ -44,7 +44,9 @@ def ray_session(s3_endpoint):
     """Small local Ray with one logical GPU, so GPU actor pools run on a CPU machine."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=1, object_store_memory=400 * 2**20, include_dashboard=False, log_to_driver=False)
+    # The dashboard (on loopback) serves Ray's state API, which fault tests use to find actor pids.
+    ray.init(num_cpus=2, num_gpus=1, object_store_memory=400 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port(), log_to_driver=False)  # fmt: skip
     yield ray
     ray.shutdown()
 

@@ -30,7 +30,7 @@ def test_csv_manifest(ray_session, catalog):
         w.writeheader()
         for r in rows:
             w.writerow({"sku": r["sku"], "image_uri": r["image_uri"], "title": r.get("title", ""), "attributes": json.dumps(r.get("attributes", {}))})
-    s = run_catalog(RunConfig(manifest=str(path), recipes=("enhance",), output=str(d / "out"), run_id="csv"))
+    s = run_catalog(RunConfig(manifest=str(path), recipes=("enhance",), output=str(d / "out"), run_id="csv", max_error_rate=0.5))
     assert (s.inputs, s.variants, s.errors) == (3, 2, 1)
     assert s.errors_by_stage == {"fetch": 1}
 
@@ -45,7 +45,7 @@ def test_parquet_manifest_with_map_attributes(ray_session, catalog):
         }
     )
     pq.write_table(table, d / "m.parquet")
-    s = run_catalog(RunConfig(manifest=str(d / "m.parquet"), recipes=("enhance",), output=str(d / "out"), run_id="pq"))
+    s = run_catalog(RunConfig(manifest=str(d / "m.parquet"), recipes=("enhance",), output=str(d / "out"), run_id="pq", max_error_rate=0.5))
     assert (s.inputs, s.variants, s.errors) == (3, 2, 1)
     errors = pq.read_table(d / "out" / "pq" / "errors").to_pylist()
     assert errors[0]["sku"] == "GONE" and "no file at" in errors[0]["message"]

@@ -1,0 +1,193 @@
+"""Run state: which earlier results a run may reuse instead of redoing the work.
+
+Two sources, one mechanism:
+
+- the last committed run under the output prefix (`OUT/_latest` -> `OUT/<run>/variants`):
+  a nightly run carries each unchanged (sku, recipe, variant) forward, pointing at the
+  image object that run wrote, with `reused_from` naming the run that generated it;
+- the journal of earlier attempts of the same run id (`OUT/<run>/_journal/aNNNN/*.parquet`,
+  written by every Finish batch as it completes): rerunning an interrupted run finishes only
+  the work the interrupted attempts did not.
+
+A variant is reused only when its state key matches: a hash of the input (source bytes,
+overlay mask bytes, title, category, attributes: everything an op or prompt can read), the
+recipe hash (every op's validated config and version) and the identity of every model the
+recipe names. Anything else is regenerated.
+
+The driver loads both sources once, splits them into shards by sku and puts the shards in
+Ray's object store; a worker fetches the one shard a row needs and keeps a few indexed in
+memory, so lookups cost a dict access and the driver never ships state per task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from collections import OrderedDict
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipelines.schema import VARIANT_SCHEMA
+from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, exists, join, list_objects, read_bytes
+
+log = logging.getLogger(__name__)
+
+LATEST = "_latest"
+RUN_RECORD = "_run.json"
+JOURNAL = "_journal"
+SHARD_ROWS = 20_000  # rows per state shard: small enough to index in ~0.1 s on a worker
+
+
+def input_sha256(source_sha256: str, overlay_sha256: str, title: str | None, category: str | None, attributes: str | None) -> str:
+    """Everything about a manifest row that an op can see. Pixels are identified by the
+    hash of their encoded bytes, so deciding to reuse never needs a decode."""
+    parts = [source_sha256, overlay_sha256, title or "", category or "", attributes or "{}"]
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def recipe_fingerprint(recipe_hash: str, model_identities: list[str]) -> str:
+    return hashlib.sha256(json.dumps([recipe_hash, model_identities]).encode()).hexdigest()
+
+
+def state_key(input_sha: str, recipe_fp: str) -> str:
+    return hashlib.sha256(f"{input_sha}\x00{recipe_fp}".encode()).hexdigest()
+
+
+def shard_of(sku: str, n: int) -> int:
+    return int.from_bytes(hashlib.blake2b(sku.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") % n
+
+
+def attempt_dir(run_prefix: str, attempt: int) -> str:
+    return join(run_prefix, JOURNAL, f"a{attempt:04d}")
+
+
+# ---------------------------------------------------------------------------- on the driver
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorState:
+    """Shards of reusable variant rows in the object store (picklable: object refs)."""
+
+    shards: tuple = ()
+    committed_run: str | None = None  # the run `_latest` named, if any
+    rows: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.shards)
+
+
+def latest_run(output: str, storage: StorageConfig) -> str | None:
+    uri = join(output, LATEST)
+    if not exists(uri, storage):
+        return None
+    try:
+        return json.loads(read_bytes(uri, storage))["run_id"]
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s is not a skustudio pointer; ignoring it (this run regenerates everything)", uri)
+        return None
+
+
+def journal_attempts(run_prefix: str, storage: StorageConfig) -> dict[int, list[str]]:
+    """{attempt number: journal file URIs} of earlier attempts of a run."""
+    out: dict[int, list[str]] = {}
+    root = join(run_prefix, JOURNAL)
+    for uri in list_objects(root, storage):
+        rel = uri[len(root) + 1 :]
+        head, _, name = rel.partition("/")
+        if head.startswith("a") and head[1:].isdigit() and name.endswith(".parquet") and not name.startswith("."):
+            out.setdefault(int(head[1:]), []).append(uri)
+    return out
+
+
+def _read_variants(uris: list[str], storage: StorageConfig) -> pa.Table:
+    """Variant rows from Parquet files, conformed to today's schema (columns an older
+    run lacks become nulls, so its rows simply never match)."""
+    if not uris:
+        return VARIANT_SCHEMA.empty_table()
+    fs, _ = arrow_filesystem(uris[0], storage)
+    paths = [arrow_filesystem(u, storage)[1] for u in uris]
+    try:
+        table = pads.dataset(paths, filesystem=fs, format="parquet").to_table()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StorageError(f"cannot read earlier results under {uris[0].rsplit('/', 2)[0]}: {exc}") from None
+    if "kind" in table.column_names:
+        table = table.filter(pc.equal(table["kind"], "variant"))
+    cols = []
+    for field in VARIANT_SCHEMA:
+        if field.name in table.column_names:
+            cols.append(table[field.name].cast(field.type))
+        else:
+            cols.append(pa.nulls(len(table), field.type))
+    return pa.Table.from_arrays(cols, schema=VARIANT_SCHEMA)
+
+
+def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int, full: bool) -> PriorState:
+    """Reusable rows for this attempt: the journal of earlier attempts (always) and the last
+    committed run (unless `full`). Journal rows win over committed ones for the same key."""
+    import ray
+
+    run_prefix = join(output, run_id)
+    journal = [u for a, files in sorted(journal_attempts(run_prefix, storage).items()) if a < attempt for u in files]
+    committed = None if full else latest_run(output, storage)
+    committed_files = []
+    if committed and committed != run_id:
+        committed_files = [u for u in list_objects(join(output, committed, "variants"), storage) if u.endswith(".parquet")]
+    tables = []
+    for origin, files in (("committed", committed_files), ("journal", journal)):
+        t = _read_variants(files, storage)
+        tables.append(t.append_column("origin", pa.array([origin] * len(t), pa.string())))
+    table = pa.concat_tables(tables)
+    if not len(table):
+        return PriorState(committed_run=committed)
+    n = max(1, math.ceil(len(table) / SHARD_ROWS))
+    shard_ids = pa.array([shard_of(s or "", n) for s in table["sku"].to_pylist()], pa.int32())
+    refs = tuple(ray.put(table.filter(pc.equal(shard_ids, i))) for i in range(n))
+    log.info("reusable rows: %d (%d from run %s, %d from earlier attempts) in %d shards", len(table), len(tables[0]), committed, len(tables[1]), n)
+    return PriorState(shards=refs, committed_run=committed, rows=len(table))
+
+
+# ---------------------------------------------------------------------------- on workers
+
+_shard_cache: OrderedDict[str, dict[str, dict[tuple[str, int], dict[str, Any]]]] = OrderedDict()
+_CACHED_SHARDS = 8
+
+
+def prior_rows(prior: PriorState, sku: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(recipe, variant): reusable row} for one sku (journal rows over committed ones)."""
+    if not prior:
+        return {}
+    import ray
+
+    ref = prior.shards[shard_of(sku, len(prior.shards))]
+    key = ref.hex()
+    index = _shard_cache.get(key)
+    if index is None:
+        index = {}
+        # Committed rows first so journal rows (this run's own earlier attempts) overwrite them.
+        for row in sorted(ray.get(ref).to_pylist(), key=lambda r: r["origin"] != "committed"):
+            index.setdefault(row["sku"], {})[(row["recipe"], int(row["variant"]))] = row
+        _shard_cache[key] = index
+        while len(_shard_cache) > _CACHED_SHARDS:
+            _shard_cache.popitem(last=False)
+    else:
+        _shard_cache.move_to_end(key)
+    return index.get(sku, {})
+
+
+def carried_row(prior: dict[str, Any], run_id: str, source_uri: str) -> dict[str, Any]:
+    """A reused variant as a row of this run: same image object and scores; `reused_from`
+    names the run that generated it (rows from this run's own earlier attempts keep theirs)."""
+    row = {k: v for k, v in prior.items() if k != "origin"}
+    if prior.get("origin") == "committed":
+        row["reused_from"] = prior.get("reused_from") or prior.get("run_id")
+        row["run_attempt"] = None
+    row["run_id"] = run_id
+    row["source_uri"] = source_uri
+    row["kind"] = "variant"
+    return row
