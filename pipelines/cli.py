@@ -128,6 +128,88 @@ def demo(
     _print_summary(summary)
 
 
+def check_run_args(args: list[str]) -> dict:
+    """Parse `skustudio run` arguments exactly as `run` would (without running): a job is only
+    submitted with a command line that will parse on the cluster. Returns the parsed params."""
+    command = typer.main.get_command(app).commands["run"]
+    try:
+        ctx = command.make_context("skustudio run", list(args), resilient_parsing=False)
+    except Exception as exc:  # noqa: BLE001 - typer vendors its own click; its usage errors share no public base
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise ValueError(f"not a valid `skustudio run` command line ({message}): {' '.join(args)}") from None
+    return dict(ctx.params)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    address: str = typer.Option(..., help="Ray dashboard / Jobs API address, e.g. http://HEAD:8265"),
+    wait: bool = typer.Option(False, "--wait", help="stream the job's logs and exit with its status"),
+    working_dir: str = typer.Option(None, help="upload this project directory with the job (when the image lacks skustudio)"),
+    image: str = typer.Option(None, help="container image for the job (runtime_env image_uri)"),
+    pip: list[str] = typer.Option([], help="pip requirement to install for the job; repeatable"),
+):
+    """Submit a run to a Ray cluster through the Jobs API: skustudio submit --address URL -- <run args>.
+
+    The run id is the job's submission id (default: run-<UTC timestamp>); submitting a run id
+    twice is refused."""
+    import datetime as dt
+
+    from cluster.jobs import JobError, ShipSpec
+    from cluster.jobs import follow as follow_job
+    from cluster.jobs import status as job_status
+    from cluster.jobs import submit as submit_job
+
+    run_args = list(ctx.args)
+    params = _guarded(lambda: check_run_args(run_args))
+    run_id = params.get("run_id") or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%dT%H%M%SZ")
+    if not params.get("run_id"):
+        run_args += ["--run-id", run_id]
+    ship = ShipSpec(working_dir=working_dir, image_uri=image, pip=tuple(pip))
+    metadata = {"skustudio_run_id": run_id, "manifest": str(params["manifest"]), "recipes": ",".join(params["recipe"])}
+    try:
+        job = submit_job(address, run_id, run_args, ship, metadata)
+    except JobError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    out.print(f"submitted run {job} to {address}")
+    if not wait:
+        out.print(f"follow it: skustudio jobs logs {job} --address {address}")
+        return
+    for chunk in follow_job(address, job):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    final = job_status(address, job)
+    out.print(f"job {job}: {final}")
+    raise typer.Exit(0 if final == "SUCCEEDED" else 1)
+
+
+@app.command()
+def jobs(
+    action: str = typer.Argument(..., help="status, logs or stop"),
+    run_id: str = typer.Argument(...),
+    address: str = typer.Option(..., help="Ray dashboard / Jobs API address, e.g. http://HEAD:8265"),
+):
+    """Status, logs or stop of a submitted run."""
+    from cluster import jobs as cj
+
+    actions = {"status": cj.status, "logs": cj.logs, "stop": cj.stop}
+    if action not in actions:
+        err.print(f"[bold red]error:[/] unknown action {action!r}; use one of: status, logs, stop")
+        raise typer.Exit(2)
+    try:
+        result = actions[action](address, run_id)
+    except cj.JobError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    if action == "logs":
+        sys.stdout.write(result)
+    elif action == "stop":
+        out.print(f"stop requested for {run_id}" if result else f"{run_id} was not running")
+    else:
+        out.print(result)
+
+
 def _print_summary(s) -> None:
     table = Table(title=f"run {s.run_id}", show_header=True)
     table.add_column("recipe")
