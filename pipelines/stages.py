@@ -85,6 +85,20 @@ def _init_worker() -> None:
         _worker_ready = True
 
 
+def node_id() -> str:
+    """The Ray node this code runs on ('' outside Ray), recorded per row for placement checks."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _add_node(row: dict) -> None:
+    row["nodes"] = json.dumps(json.loads(row.get("nodes") or "[]") + [node_id()])
+
+
 def derive_seed(sku: str, recipe: str, variant: int, attempt: int = 0) -> int:
     """Stable 63-bit seed: a rerun of the same (sku, recipe, variant, attempt) reproduces it."""
     digest = hashlib.sha256(f"{sku}\x00{recipe}\x00{variant}\x00{attempt}".encode("utf-8", "surrogatepass")).digest()
@@ -93,7 +107,7 @@ def derive_seed(sku: str, recipe: str, variant: int, attempt: int = 0) -> int:
 
 _TEXT_COLUMNS = frozenset({
     "sku", "source_uri", "title", "category", "attributes", "recipe", "segment", "source_sha256", "source_etag",
-    "input_sha256", "state_key", "reuse", "notes", "models", "error", "stage", "error_type",
+    "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "error", "stage", "error_type",
 })  # fmt: skip
 
 
@@ -227,11 +241,12 @@ class Fetch:
 WORK_KEYS = [
     "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "segment", "seed", "source_sha256",
     "source_etag", "source_size", "input_sha256", "state_key", "reuse",
-    "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models",
+    "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models", "nodes",
     "error", "stage", "error_type",
 ]  # fmt: skip
 # `models` is a JSON list of [reference, sha256] pairs, one per model-backed step the row
-# went through, and `reuse` the JSON of a prior variant row this row carries forward ('' when
+# went through, `nodes` a JSON list of the Ray node ids that worked on the row (decode, each
+# pool stage, finish), and `reuse` the JSON of a prior variant row this row carries forward ('' when
 # the row is generated): strings, so they survive Ray's numpy <-> Arrow conversions unchanged.
 
 
@@ -251,7 +266,8 @@ class DecodeAndExpand:
         out = []
         for row in table.to_pylist():
             base = {k: row.get(k) for k in self._BASE}
-            base.update(recipe="", variant=-1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", state_key="", reuse="")
+            base.update(recipe="", variant=-1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", state_key="", reuse="",
+                        nodes=json.dumps([node_id()]))  # fmt: skip
             base.update(source=EMPTY_IMAGE, image=EMPTY_IMAGE, mask=NO_MASK, affine=identity_affine(), overlay_mask=NO_MASK)
             if base["error"]:
                 out.append(base)
@@ -338,6 +354,7 @@ class RunSteps:
     def __call__(self, batch: Batch) -> Batch:
         _init_worker()
         rows = _rows(batch)
+        worked: set[int] = set()
         while True:
             # Group rows whose next step runs here by (recipe, step) and run each group.
             groups: dict[tuple[str, int], list[int]] = {}
@@ -351,7 +368,10 @@ class RunSteps:
             if not groups:
                 break
             for (name, k), idx in groups.items():
+                worked.update(idx)
                 self._run_step(self.recipes[name], k, [rows[i] for i in idx])
+        for i in worked:
+            _add_node(rows[i])
         return _columns(rows, WORK_KEYS)
 
     def _run_step(self, recipe: Recipe, k: int, rows: list[dict]) -> None:
@@ -478,6 +498,7 @@ class Finish:
         write_bytes(uri, data, self.ctx.storage, CONTENT_TYPES[fmt])
         h, w = image.shape[:2]
         models = json.loads(r["models"] or "[]")
+        _add_node(r)
         return {
             "kind": "variant",
             "run_id": self.ctx.run_id,
@@ -508,6 +529,7 @@ class Finish:
             "duration_s": float(r["duration_s"]) + (time.perf_counter() - t0),
             "reused_from": None,
             "run_attempt": self.ctx.attempt,
+            "node_ids": json.loads(r["nodes"] or "[]"),
         }
 
     def _error_row(self, r: dict) -> dict:
