@@ -78,7 +78,8 @@ class ResourcePlan:
 
     def describe(self) -> str:
         return (
-            f"cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU; CPU batch {self.cpu_batch_size}, "
+            f"cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU (can reach {self.max_gpus if self.max_gpus is not None else self.cluster_gpus:g} GPU); "
+            f"CPU batch {self.cpu_batch_size}, "
             f"fetch {self.fetch_cpus:g} CPU/task, GPU batch {self.gpu_batch_size}, "
             f"object store limit {self.object_store_limit_bytes // 2**20 if self.object_store_limit_bytes else 'default'} MiB"
         )

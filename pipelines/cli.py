@@ -57,6 +57,9 @@ def _logging(verbose: bool) -> None:
 
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    # The run's own story (resource plan, pools, attempt, what is reused) is always shown.
+    for name in ("pipelines.run", "pipelines.plan", "pipelines.state"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 @app.command()
@@ -71,6 +74,7 @@ def run(
     num_gpus: int = typer.Option(None, help="local Ray only: GPUs to expose"),
     cpu_batch_size: int = typer.Option(4, min=1, help="rows per CPU task batch"),
     gpu_batch_size: int = typer.Option(4, min=1, help="rows per GPU actor batch (recipes may override)"),
+    max_gpus: float = typer.Option(None, min=0, help="GPUs the cluster can scale to (autoscaling clusters start with fewer); default: the GPUs it has now"),
     model_cache: str = typer.Option(None, help="node-local model cache (default: $SKUSTUDIO_MODEL_CACHE or ~/.cache/skustudio/models)"),
     full: bool = typer.Option(False, "--full", help="regenerate every variant instead of reusing unchanged ones from the last committed run"),
     max_error_rate: float = typer.Option(0.2, min=0.0, max=1.0, help="commit only if at most this fraction of output rows failed"),
@@ -89,7 +93,7 @@ def run(
     cfg = RunConfig(
         manifest=manifest, recipes=tuple(recipe), output=output, run_id=run_id, address=address, s3_endpoint=s3_endpoint,
         num_cpus=num_cpus, num_gpus=num_gpus, cpu_batch_size=cpu_batch_size, gpu_batch_size=gpu_batch_size,
-        model_cache=model_cache, full=full, max_error_rate=max_error_rate, trust_etag=etag_check, sse=sse,
+        max_gpus=max_gpus, model_cache=model_cache, full=full, max_error_rate=max_error_rate, trust_etag=etag_check, sse=sse,
         sse_kms_key_id=sse_kms_key_id,
     )  # fmt: skip
     summary = _guarded(lambda: run_catalog(cfg))
