@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -75,6 +76,7 @@ class LocalCluster:
     gcs_port: int
     dashboard_port: int
     env: dict
+    token: str
     procs: list = dataclasses.field(default_factory=list)
     logs: list = dataclasses.field(default_factory=list)
 
@@ -94,9 +96,13 @@ class LocalCluster:
         # Short temp dir: Ray's unix socket paths must stay under ~107 characters.
         temp = tempfile.mkdtemp(prefix="skmn-", dir="/tmp")
         venv_bin = str(Path(sys.executable).parent)
-        env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+        # Ray 2.60 clusters require a token: this one gets its own, passed by environment to its
+        # nodes and to the clients the tests start (never the machine's ~/.ray/auth_token).
+        token = secrets.token_hex(16)
+        env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}  # fmt: skip
         env.pop("RAY_ADDRESS", None)
-        c = cls(temp_dir=temp, gcs_port=free_port(), dashboard_port=free_port(), env=env)
+        c = cls(temp_dir=temp, gcs_port=free_port(), dashboard_port=free_port(), env=env, token=token)
         head = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={c.gcs_port}",
                 f"--num-cpus={head_cpus}", "--num-gpus=0", f"--temp-dir={temp}", "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={c.dashboard_port}", f"--ray-client-server-port={free_port()}",
@@ -106,14 +112,23 @@ class LocalCluster:
             config.write_text(json.dumps(fake_autoscaling_config(c.gcs_port, head_cpus, autoscaling)))
             head.append(f"--autoscaling-config={config}")
             c.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-        c._spawn(head, "head")
-        c.wait_http("/api/version", timeout=120)
-        for i, w in enumerate(workers or []):
-            cmd = ["ray", "start", "--block", f"--address={c.address}", "--node-ip-address=127.0.0.1",
-                   f"--num-cpus={w.get('cpus', 1)}", f"--num-gpus={w.get('gpus', 0)}", *_node_ports()]  # fmt: skip
-            c._spawn(cmd, f"worker{i}")
-        c.wait_nodes(1 + len(workers or []))
+        try:
+            c._spawn(head, "head")
+            c.wait_http("/api/version", timeout=120)
+            for i, w in enumerate(workers or []):
+                cmd = ["ray", "start", "--block", f"--address={c.address}", "--node-ip-address=127.0.0.1",
+                       f"--num-cpus={w.get('cpus', 1)}", f"--num-gpus={w.get('gpus', 0)}", *_node_ports()]  # fmt: skip
+                c._spawn(cmd, f"worker{i}")
+                c.wait_nodes(2 + i)  # one at a time: nodes joining at once on one IP can race
+        except BaseException:
+            c.stop()  # never leave a half-started cluster behind
+            raise
         return c
+
+    def get_json(self, path: str):
+        req = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
 
     def _spawn(self, cmd: list[str], name: str) -> None:
         log = open(Path(self.temp_dir) / f"{name}.out", "w")
@@ -124,18 +139,17 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(self.dashboard + path, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
+                self.get_json(path)
+                return
+            except (OSError, ValueError):
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"Ray dashboard at {self.dashboard} did not answer {path} in {timeout}s")
 
-    def alive_nodes(self) -> list:
-        from ray.util.state import list_nodes
-
-        return [n for n in list_nodes(address=self.dashboard, limit=1000, detail=True) if n.state == "ALIVE"]
+    def alive_nodes(self) -> list[dict]:
+        """Alive nodes from the state API: dicts with node_id, resources_total, ..."""
+        body = self.get_json("/api/v0/nodes?limit=1000&detail=1")
+        return [n for n in body["data"]["result"]["result"] if n.get("state") == "ALIVE"]
 
     def wait_nodes(self, n: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -146,7 +160,8 @@ class LocalCluster:
             except Exception:  # noqa: BLE001 - the state API comes up after the dashboard
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"{n} Ray nodes were not alive after {timeout}s")
+        logs = {p.name: p.read_text()[-1500:] for p in Path(self.temp_dir).glob("*.out")}
+        raise TimeoutError(f"{n} Ray nodes were not alive after {timeout}s; node logs: {logs}")
 
     def stop(self) -> None:
         """Stop every process this cluster started: the `ray start` sessions and anything they

@@ -32,7 +32,7 @@ def autoscaling_cluster():
 
 
 def _gpu_nodes(cluster) -> int:
-    return sum(1 for n in cluster.alive_nodes() if (n.resources_total or {}).get("GPU", 0) > 0)
+    return sum(1 for n in cluster.alive_nodes() if (n.get("resources_total") or {}).get("GPU", 0) > 0)
 
 
 def test_gpu_nodes_scale_from_zero_and_back(autoscaling_cluster, tmp_path):

@@ -51,8 +51,7 @@ def test_submit_wait_runs_on_every_node_with_gpu_ops_on_gpu_nodes(cluster, tmp_p
 
     variants = pads.dataset(str(out / "mn1" / "variants"), format="parquet").to_table().to_pylist()
     assert len(variants) == N and all(v["passed"] is not None for v in variants)
-    nodes = {n.node_id: n for n in cluster.alive_nodes()}
-    gpu_nodes = {nid for nid, n in nodes.items() if (n.resources_total or {}).get("GPU", 0) > 0}
+    gpu_nodes = {n["node_id"] for n in cluster.alive_nodes() if (n.get("resources_total") or {}).get("GPU", 0) > 0}
     assert len(gpu_nodes) == 2
     # node_ids: [decode, cpu ops, gpu pool, cpu ops, finish] for this recipe.
     cpu_nodes = {nid for v in variants for i, nid in enumerate(v["node_ids"]) if i != 2}
