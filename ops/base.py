@@ -164,6 +164,9 @@ class Op:
     # True when every output depends on the row's seed (generative ops); deterministic ops
     # produce the same output for every seed, which the quality gate uses to skip retries.
     uses_seed: ClassVar[bool] = False
+    # True when the op synthesises pixels (diffusion, GAN inpainting): its outputs are
+    # AI-generated media for provenance and marketplace rules; enhancement ops are not.
+    generative: ClassVar[bool] = False
     # Config fields that hold model references (local path or s3:// URI).
     model_fields: ClassVar[tuple[str, ...]] = ()
 

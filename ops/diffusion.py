@@ -85,6 +85,7 @@ class DiffusionOp(Op):
 
     Config = DiffusionConfig
     uses_seed = True
+    generative = True
     model_fields = ("model",)
     default_resources = Resources(cpus=1, gpus=1, memory_mb=8000)
     pipeline_kind: ClassVar[Literal["inpaint", "img2img", "instruct"]] = "inpaint"

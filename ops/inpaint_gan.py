@@ -34,6 +34,7 @@ class InpaintGan(Op):
     name = "inpaint_gan"
     version = "1"
     Config = InpaintGanConfig
+    generative = True
     model_fields = ("model",)
     default_resources = Resources(cpus=1, gpus=1, memory_mb=4000)
 

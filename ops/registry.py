@@ -31,4 +31,4 @@ def op_names() -> list[str]:
 
 def _load_builtin_ops() -> None:
     # Importing the modules runs their @register decorators.
-    from ops import background, color, compose, diffusion, geometry, inpaint_gan, overlay, restore, upscale  # noqa: F401
+    from ops import background, color, compose, diffusion, fit_channel, geometry, inpaint_gan, overlay, restore, upscale  # noqa: F401

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ops.base import Op, OpConfigError, Resources
 from ops.registry import op_class
+from ops.compliance import compliance_columns
 from ops.scores import SCORE_NAMES
 
 BUILTIN_DIR = Path(__file__).parent / "recipes"
@@ -89,8 +90,10 @@ class RecipeSpec(_Strict):
     @classmethod
     def _gate_names(cls, gate):
         for key in gate:
+            if key in compliance_columns():
+                continue
             if key not in SCORE_NAMES:
-                raise ValueError(f"gate on unknown score {key!r}; known scores: {', '.join(SCORE_NAMES)}")
+                raise ValueError(f"gate on unknown score {key!r}; known: {', '.join(SCORE_NAMES)} and compliance_<channel>[_<rule>] columns")
         return gate
 
 
@@ -158,6 +161,8 @@ class Recipe:
         reasons = []
         for key, t in self.spec.gate.items():
             v = scores.get(key)
+            if isinstance(v, bool):
+                v = float(v)  # compliance columns: 1 pass, 0 fail
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 reasons.append(f"{key} missing")
             elif t.min is not None and v < t.min:

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from ops.base import NO_MASK, Batch, Item, OpInputError, batch_of, identity_affine
+from ops.compliance import Subject
+from ops.compliance import evaluate as evaluate_compliance
 from ops.codec import CONTENT_TYPES, DEFAULT_MAX_PIXELS, EXTENSIONS, decode_image, encode_image
 from ops.overlay import OVERLAY_MASK_COLUMN
 from ops.scores import quality_scores
@@ -489,9 +491,11 @@ class Finish:
         image = r["image"]
         affine = np.asarray(r["affine"], np.float64).reshape(2, 3)
         scores = quality_scores(image, source=r["source"], mask=r["mask"], affine=affine)
-        reasons = recipe.gate(scores)
         fmt = recipe.spec.output.pil_format
         data = encode_image(image, fmt, recipe.spec.output.quality)
+        generated = any(step.op.generative for step in recipe.steps)
+        scores.update(evaluate_compliance(Subject(image=image, mask=r["mask"], fmt=fmt, n_bytes=len(data), ai_generated=generated)))
+        reasons = recipe.gate(scores)
         digest = hashlib.sha256(data).hexdigest()
         key = f"{safe_key_part(recipe.name)}/{safe_key_part(r['sku'])}/v{r['variant']}-{digest[:16]}.{EXTENSIONS[fmt]}"
         uri = join(self.ctx.output, self.ctx.run_id, "images", key)

@@ -44,17 +44,20 @@ def test_submit_wait_runs_on_every_node_with_gpu_ops_on_gpu_nodes(cluster, tmp_p
         ],
     }))  # fmt: skip
     out = tmp_path / "out"
-    run_args = ["--manifest", str(manifest), "--recipe", str(recipe), "--output", str(out), "--run-id", "mn1", "--cpu-batch-size", "2"]
+    # The demo's catalog and recipes, plus a recipe with a GPU op.
+    run_args = ["--manifest", str(manifest), "--recipe", "marketplace-main", "--recipe", "enhance", "--recipe", str(recipe),
+                "--output", str(out), "--run-id", "mn1", "--cpu-batch-size", "2"]  # fmt: skip
     done = _skustudio(["submit", "--address", cluster.dashboard, "--wait", "--", *run_args], cluster.env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "SUCCEEDED" in done.stdout
 
-    variants = pads.dataset(str(out / "mn1" / "variants"), format="parquet").to_table().to_pylist()
-    assert len(variants) == N and all(v["passed"] is not None for v in variants)
+    everything = pads.dataset(str(out / "mn1" / "variants"), format="parquet").to_table().to_pylist()
+    assert sorted({v["recipe"] for v in everything}) == ["enhance", "gpu-clean", "marketplace-main"] and len(everything) == 3 * N
+    variants = [v for v in everything if v["recipe"] == "gpu-clean"]
     gpu_nodes = {n["node_id"] for n in cluster.alive_nodes() if (n.get("resources_total") or {}).get("GPU", 0) > 0}
     assert len(gpu_nodes) == 2
     # node_ids: [decode, cpu ops, gpu pool, cpu ops, finish] for this recipe.
-    cpu_nodes = {nid for v in variants for i, nid in enumerate(v["node_ids"]) if i != 2}
+    cpu_nodes = {nid for v in everything for i, nid in enumerate(v["node_ids"]) if not (v["recipe"] == "gpu-clean" and i == 2)}
     pool_nodes = {v["node_ids"][2] for v in variants}
     assert all(len(v["node_ids"]) == 5 for v in variants), variants[0]["node_ids"]
     assert pool_nodes <= gpu_nodes, (pool_nodes, gpu_nodes)

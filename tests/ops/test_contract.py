@@ -21,7 +21,7 @@ def test_every_op_has_name_version_and_a_default_or_a_named_requirement():
             needs_params.add(name)
     # Every model-backed op needs its model named; nothing else needs more than defaults.
     with_models = {"scene", "restyle", "outpaint", "instruct_edit", "segment_variants", "upscale", "inpaint_gan"}
-    assert needs_params == {"pad", "resize", "stamp_watermark"} | with_models
+    assert needs_params == {"pad", "resize", "stamp_watermark", "fit_channel"} | with_models  # fit_channel: which channel
     for name in with_models:
         assert op_class(name).model_fields == ("model",)
 

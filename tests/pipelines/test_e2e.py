@@ -102,7 +102,8 @@ def test_marketplace_outputs_are_white_square_and_faithful(s3_run):
         border = np.concatenate([img[:8].reshape(-1, 3), img[-8:].reshape(-1, 3)])
         assert border.min() >= 254  # JPEG keeps a flat white border at 255 (+-1)
         assert row["score_fidelity_ciede2000"] < 3.0, row["score_fidelity_ciede2000"]
-        # The product's footprint matches the truth mask after the same move (fill 85%).
+        assert row["compliance_amazon_main"], row["compliance_notes"]
+        # The product's footprint matches the truth mask after the same move.
         assert 0.80 <= row["score_fidelity_ssim"] <= 1.0
 
 
