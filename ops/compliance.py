@@ -98,7 +98,10 @@ def evaluate(subject: Subject, only: list[str] | None = None) -> dict[str, Any]:
             continue
         ok = True
         for rule in ch.rules:
-            reason = CHECKS[rule.check](subject, **rule.params)
+            try:
+                reason = CHECKS[rule.check](subject, **rule.params)
+            except Exception as exc:  # noqa: BLE001 - a check that cannot run fails its rule, not the row
+                reason = f"could not be checked ({type(exc).__name__}: {exc})"
             out[f"compliance_{ch.name}_{rule.name}"] = reason is None
             if reason is not None:
                 notes.append(f"{ch.name}.{rule.name}{'' if rule.required else ' (recommended)'}: {reason}")
@@ -215,6 +218,8 @@ def _no_border(s: Subject, max_band: float, min_contrast: float, min_sides: int)
     h, w = img.shape[:2]
     strips = {"top": img, "bottom": img[::-1], "left": img.transpose(1, 0, 2), "right": img.transpose(1, 0, 2)[::-1]}
     framed = []
+    if min(h, w) < 16:
+        return None  # too small to carry a frame
     for side, strip in strips.items():
         limit = max(3, int(max_band * strip.shape[0]))
         edge = strip[0].mean(axis=0)

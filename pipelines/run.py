@@ -32,6 +32,7 @@ from ops.models import ModelError, ModelInfo
 from pipelines.manifest import check_columns
 from pipelines.model_store import ModelStore
 from pipelines.plan import build_dataset, find_duplicate_skus, pool_steps, stage_sequence
+from pipelines.duplicates import flag_duplicates
 from pipelines.sink import dedupe_repeated_rows, write_tables
 from pipelines.stages import RunContext
 from pipelines.state import JOURNAL, LATEST, RUN_RECORD, journal_attempts, load_prior, recipe_fingerprint
@@ -157,6 +158,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     # 4. Execute. Only metadata rows (no pixels) are materialised; images were written by workers.
     rows = build_dataset(ctx, cfg.manifest, columns, plan).materialize()
     rows, folded = dedupe_repeated_rows(rows, duplicates)
+    rows = flag_duplicates(rows).materialize()
     t_exec = time.perf_counter() - t0
     summary = _summarise(rows, run_id, run_prefix, time.perf_counter() - t0, attempt)
     summary.duplicate_rows = folded

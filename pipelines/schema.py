@@ -41,6 +41,11 @@ VARIANT_COLUMNS = [
     ("notes", pa.string()),
     *[(name, pa.float64()) for name in SCORE_NAMES],
     ("phash", pa.string()),
+    ("source_phash", pa.string()),  # perceptual hash of the decoded source photo
+    # Near-duplicates (pipelines/duplicates.py): the lower variant this one repeats, and other
+    # SKUs whose source photo is near-identical to this one's.
+    ("duplicate_of_variant", pa.int32()),
+    ("shared_source_skus", pa.list_(pa.string())),
     # Marketplace rules (ops/channels/*.yaml): one column per rule and per channel, and the
     # reasons of every failed rule.
     *[(name, pa.bool_()) for name in compliance_columns()],

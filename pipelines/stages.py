@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 
@@ -27,7 +28,7 @@ from ops.compliance import Subject
 from ops.compliance import evaluate as evaluate_compliance
 from ops.codec import CONTENT_TYPES, DEFAULT_MAX_PIXELS, EXTENSIONS, decode_image, encode_image
 from ops.overlay import OVERLAY_MASK_COLUMN
-from ops.scores import quality_scores
+from ops.scores import phash, quality_scores
 from pipelines.manifest import normalise_row
 from pipelines.model_store import ModelStore
 from pipelines.recipes import Recipe, load_recipe
@@ -109,7 +110,7 @@ def derive_seed(sku: str, recipe: str, variant: int, attempt: int = 0) -> int:
 
 _TEXT_COLUMNS = frozenset({
     "sku", "source_uri", "title", "category", "attributes", "recipe", "segment", "source_sha256", "source_etag",
-    "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "error", "stage", "error_type",
+    "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "source_phash", "error", "stage", "error_type",
 })  # fmt: skip
 
 
@@ -242,7 +243,7 @@ class Fetch:
 
 WORK_KEYS = [
     "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "segment", "seed", "source_sha256",
-    "source_etag", "source_size", "input_sha256", "state_key", "reuse",
+    "source_etag", "source_size", "input_sha256", "state_key", "reuse", "source_phash",
     "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models", "nodes",
     "error", "stage", "error_type",
 ]  # fmt: skip
@@ -269,7 +270,7 @@ class DecodeAndExpand:
         for row in table.to_pylist():
             base = {k: row.get(k) for k in self._BASE}
             base.update(recipe="", variant=-1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", state_key="", reuse="",
-                        nodes=json.dumps([node_id()]))  # fmt: skip
+                        nodes=json.dumps([node_id()]), source_phash="")  # fmt: skip
             base.update(source=EMPTY_IMAGE, image=EMPTY_IMAGE, mask=NO_MASK, affine=identity_affine(), overlay_mask=NO_MASK)
             if base["error"]:
                 out.append(base)
@@ -304,9 +305,11 @@ class DecodeAndExpand:
                 continue
             decode_s = time.perf_counter() - t0
             notes = "; ".join(decoded.notes) + ("; mask from source alpha" if decoded.alpha.size else "")
+            source_phash = phash(cv2.cvtColor(decoded.image, cv2.COLOR_RGB2GRAY))
             for w in work:
                 if not w["reuse"]:
-                    w.update(source=decoded.image, image=decoded.image, mask=decoded.alpha, overlay_mask=overlay, duration_s=decode_s, notes=notes)
+                    w.update(source=decoded.image, image=decoded.image, mask=decoded.alpha, overlay_mask=overlay, duration_s=decode_s, notes=notes,
+                             source_phash=source_phash)  # fmt: skip
                 out.append(w)
         return _columns(out, WORK_KEYS)
 
@@ -531,6 +534,9 @@ class Finish:
             "notes": r["notes"] or "",
             **scores,
             "duration_s": float(r["duration_s"]) + (time.perf_counter() - t0),
+            "source_phash": r["source_phash"] or None,
+            "duplicate_of_variant": None,  # set at commit (pipelines/duplicates.py)
+            "shared_source_skus": None,
             "reused_from": None,
             "run_attempt": self.ctx.attempt,
             "node_ids": json.loads(r["nodes"] or "[]"),

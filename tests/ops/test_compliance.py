@@ -142,3 +142,10 @@ def test_marketplace_main_outputs_pass_amazon_on_the_sample_catalog(tmp_path):
         if not out["compliance_amazon_main"]:
             failures[row["sku"]] = out["compliance_notes"]
     assert failures == {}
+
+
+def test_tiny_images_are_judged_not_crashed():
+    one = Item(np.full((1, 1, 3), (200, 10, 10), np.uint8), NO_MASK, identity_affine(), 0, {})
+    out = _check(one, "PNG")
+    assert not out["compliance_amazon_main"] and not out["compliance_amazon_main_min_long_side"]
+    assert not any("could not be checked" in n for n in out["compliance_notes"]), out["compliance_notes"]

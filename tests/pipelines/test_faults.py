@@ -246,6 +246,9 @@ def test_inputs_that_need_care_come_out_right(corpus_run):
     assert "listed 2 times" in errors["DUP"]["message"] and "good1.jpg" in errors["DUP"]["message"]
     assert by_sku["DUP"]["source_uri"].endswith("good1.jpg")
     assert "attributes" in errors["ATTR-BAD"]["message"]
+    # One photo listed under several SKUs is flagged on each of them.
+    assert {"a/b/c", "12345", "TWIN", "../../etc/x"} <= set(by_sku["GOOD-1"]["shared_source_skus"])
+    assert by_sku["GOOD-2"]["shared_source_skus"] == []
     assert errors[""]["stage"] == "manifest" and "not valid JSON" in errors[""]["message"]
 
 

@@ -94,6 +94,9 @@ def nightly(ray_session, s3_endpoint, tmp_path_factory):
 def test_first_run_generates_everything(nightly):
     s = nightly["d1"]["summary"]
     assert s.variants == N * 3 and s.generated == N * 3 and s.reused == 0 and s.errors == 0
+    # tidy is deterministic: its second variant repeats the first, and says so.
+    tidy = {(r["sku"], r["variant"]): r for r in nightly["d1"]["variants"] if r["recipe"] == "tidy"}
+    assert all(tidy[(sku, 1)]["duplicate_of_variant"] == 0 and tidy[(sku, 0)]["duplicate_of_variant"] is None for sku in nightly["skus"])
 
 
 def test_unchanged_catalog_regenerates_nothing_and_reads_no_image(nightly):

@@ -1,0 +1,52 @@
+"""Near-duplicate flags from real perceptual hashes: a re-encoded copy of a photo is found,
+different products are not, and a SKU's repeated variants name the variant they repeat."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ops.scores import phash, phash_distance
+from pipelines.duplicates import SOURCE_DISTANCE, shared_sources, variant_repeats
+from pipelines.sample_catalog import render_product
+
+
+def _hash(arr: np.ndarray) -> str:
+    return phash(cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY))
+
+
+def _reencoded(arr: np.ndarray, quality: int, scale: float = 1.0) -> np.ndarray:
+    img = Image.fromarray(arr)
+    if scale != 1.0:
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def test_the_same_photo_reencoded_and_resized_is_found_across_skus():
+    photos = [render_product(600 + i, size=(640, 640)).photo for i in range(8)]
+    pairs = {(f"SKU-{i}", _hash(p)) for i, p in enumerate(photos)}
+    copy = _reencoded(photos[3], quality=70, scale=0.75)
+    assert phash_distance(_hash(copy), _hash(photos[3])) <= SOURCE_DISTANCE
+    pairs.add(("SKU-COPY", _hash(copy)))
+    found = shared_sources(pairs)
+    assert found == {"SKU-3": ["SKU-COPY"], "SKU-COPY": ["SKU-3"]}
+    # And distinct products are far apart (so the flag is not noise).
+    hashes = [_hash(p) for p in photos]
+    assert min(phash_distance(a, b) for a, b in itertools.combinations(hashes, 2)) > 2 * SOURCE_DISTANCE
+
+
+def test_repeated_variants_point_at_the_first():
+    a, b = (render_product(610 + i, size=(512, 512)).photo for i in range(2))
+    rows = [
+        {"sku": "S", "recipe": "r", "variant": 0, "phash": _hash(a)},
+        {"sku": "S", "recipe": "r", "variant": 1, "phash": _hash(b)},
+        {"sku": "S", "recipe": "r", "variant": 2, "phash": _hash(_reencoded(a, 80))},
+        {"sku": "T", "recipe": "r", "variant": 0, "phash": _hash(a)},  # another SKU: not a repeat
+    ]
+    assert variant_repeats(rows) == {("S", "r", 2): 0}
