@@ -134,17 +134,25 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
-def encode_image(image: np.ndarray, fmt: str = "JPEG", quality: int = 92) -> bytes:
-    """Encode an RGB uint8 array. JPEG uses 4:4:4 above quality 90 to keep label text crisp."""
+def encode_image(image: np.ndarray, fmt: str = "JPEG", quality: int = 92, xmp: bytes | None = None) -> bytes:
+    """Encode an RGB uint8 array, with an XMP packet when given (JPEG APP1, WebP XMP chunk,
+    PNG iTXt 'XML:com.adobe.xmp'). JPEG uses 4:4:4 above quality 90 to keep label text crisp."""
     pil_format = FORMATS.get(fmt.lower())
     if pil_format is None:
         raise OpInputError(f"unknown output format {fmt!r}; use one of JPEG, PNG, WEBP")
     buf = io.BytesIO()
     img = Image.fromarray(image, "RGB")
+    extra = {"xmp": xmp} if xmp else {}
     if pil_format == "JPEG":
-        img.save(buf, "JPEG", quality=quality, optimize=True, subsampling=0 if quality >= 90 else 2)
+        img.save(buf, "JPEG", quality=quality, optimize=True, subsampling=0 if quality >= 90 else 2, **extra)
     elif pil_format == "WEBP":
-        img.save(buf, "WEBP", quality=quality, method=4)
+        img.save(buf, "WEBP", quality=quality, method=4, **extra)
     else:
-        img.save(buf, "PNG", compress_level=6)
+        from PIL.PngImagePlugin import PngInfo
+
+        info = None
+        if xmp:
+            info = PngInfo()
+            info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8"))
+        img.save(buf, "PNG", compress_level=6, pnginfo=info)
     return buf.getvalue()

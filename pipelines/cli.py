@@ -214,6 +214,26 @@ def jobs(
         out.print(result)
 
 
+@app.command()
+def verify(
+    images: list[str] = typer.Argument(..., help="image files (local paths or s3:// URIs)"),
+    output: str = typer.Option(None, help="output prefix of the runs, to map a watermark to its variant row"),
+    s3_endpoint: str = typer.Option(None, help="S3 endpoint URL override (default: AWS_ENDPOINT_URL)"),
+):
+    """Read an image's provenance: its IPTC/XMP label and invisible watermark, and the variant
+    row they map to. Exit code 1 when an image carries neither."""
+    from pipelines.storage import StorageConfig
+    from pipelines.verify import verify as verify_image
+
+    storage = StorageConfig.from_env(s3_endpoint)
+    missing = 0
+    for uri in images:
+        found = _guarded(lambda: verify_image(uri, storage, output))  # noqa: B023 - called at once
+        out.print(found.describe(), highlight=False, soft_wrap=True)
+        missing += not found.found
+    raise typer.Exit(1 if missing else 0)
+
+
 def _print_summary(s) -> None:
     table = Table(title=f"run {s.run_id}", show_header=True)
     table.add_column("recipe")

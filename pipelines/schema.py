@@ -42,6 +42,10 @@ VARIANT_COLUMNS = [
     *[(name, pa.float64()) for name in SCORE_NAMES],
     ("phash", pa.string()),
     ("source_phash", pa.string()),  # perceptual hash of the decoded source photo
+    # Provenance (ops/provenance.py): generated variants carry IPTC DigitalSourceType
+    # trainedAlgorithmicMedia in the file and this id as an invisible watermark.
+    ("ai_generated", pa.bool_()),
+    ("watermark_id", pa.string()),
     # Near-duplicates (pipelines/duplicates.py): the lower variant this one repeats, and other
     # SKUs whose source photo is near-identical to this one's.
     ("duplicate_of_variant", pa.int32()),

@@ -28,6 +28,7 @@ from ops.compliance import Subject
 from ops.compliance import evaluate as evaluate_compliance
 from ops.codec import CONTENT_TYPES, DEFAULT_MAX_PIXELS, EXTENSIONS, decode_image, encode_image
 from ops.overlay import OVERLAY_MASK_COLUMN
+from ops.provenance import Label, can_carry_watermark, embed_watermark, watermark_id
 from ops.scores import phash, quality_scores
 from pipelines.manifest import normalise_row
 from pipelines.model_store import ModelStore
@@ -493,11 +494,18 @@ class Finish:
         t0 = time.perf_counter()
         image = r["image"]
         affine = np.asarray(r["affine"], np.float64).reshape(2, 3)
+        # Generated (AI) variants are labelled in the file (IPTC/XMP) and watermarked in the
+        # pixels; enhancement-only variants are neither.
+        generated = any(step.op.generative for step in recipe.steps)
+        wid = watermark_id(r["state_key"], r["sku"], recipe.name, int(r["variant"])) if generated and can_carry_watermark(image.shape) else None
+        xmp = None
+        if generated:
+            image = embed_watermark(image, wid) if wid is not None else image
+            xmp = Label(run_id=self.ctx.run_id, sku=r["sku"], recipe=recipe.name, variant=int(r["variant"]), watermark_id=wid).xmp()
         scores = quality_scores(image, source=r["source"], mask=r["mask"], affine=affine)
         fmt = recipe.spec.output.pil_format
-        data = encode_image(image, fmt, recipe.spec.output.quality)
-        generated = any(step.op.generative for step in recipe.steps)
-        scores.update(evaluate_compliance(Subject(image=image, mask=r["mask"], fmt=fmt, n_bytes=len(data), ai_generated=generated)))
+        data = encode_image(image, fmt, recipe.spec.output.quality, xmp=xmp)
+        scores.update(evaluate_compliance(Subject(image=image, mask=r["mask"], fmt=fmt, n_bytes=len(data), ai_generated=generated, ai_labelled=generated)))
         reasons = recipe.gate(scores)
         digest = hashlib.sha256(data).hexdigest()
         key = f"{safe_key_part(recipe.name)}/{safe_key_part(r['sku'])}/v{r['variant']}-{digest[:16]}.{EXTENSIONS[fmt]}"
@@ -535,6 +543,8 @@ class Finish:
             **scores,
             "duration_s": float(r["duration_s"]) + (time.perf_counter() - t0),
             "source_phash": r["source_phash"] or None,
+            "ai_generated": generated,
+            "watermark_id": f"{wid:08x}" if wid is not None else None,
             "duplicate_of_variant": None,  # set at commit (pipelines/duplicates.py)
             "shared_source_skus": None,
             "reused_from": None,

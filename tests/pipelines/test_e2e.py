@@ -12,6 +12,7 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
+from ops.provenance import read_xmp
 from pipelines.run import RunConfig, run_catalog
 from pipelines.sample_catalog import render_product
 from pipelines.storage import StorageConfig, arrow_filesystem
@@ -103,6 +104,9 @@ def test_marketplace_outputs_are_white_square_and_faithful(s3_run):
         assert border.min() >= 254  # JPEG keeps a flat white border at 255 (+-1)
         assert row["score_fidelity_ciede2000"] < 3.0, row["score_fidelity_ciede2000"]
         assert row["compliance_amazon_main"], row["compliance_notes"]
+        # Enhancement only: not labelled AI-generated, no watermark.
+        assert row["ai_generated"] is False and row["watermark_id"] is None
+        assert read_xmp(s3_run["s3"].get_object(Bucket="out", Key=key)["Body"].read()) == {}
         # The product's footprint matches the truth mask after the same move.
         assert 0.80 <= row["score_fidelity_ssim"] <= 1.0
 

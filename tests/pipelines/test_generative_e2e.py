@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,10 +12,13 @@ import pytest
 from PIL import Image
 
 from ops.models import ModelError, content_sha256
+from ops.provenance import DIGITAL_SOURCE_TYPE, read_watermark, read_xmp
 from pipelines.plan import stage_sequence
 from pipelines.recipes import load_recipe
 from pipelines.run import RunConfig, run_catalog
 from pipelines.sample_catalog import write_sample_catalog
+from pipelines.storage import StorageConfig
+from pipelines.verify import verify
 from tests.conftest import upload
 
 FAST = {"size": 64, "steps": 2}
@@ -91,14 +95,32 @@ def test_scene_restyle_outpaint_upscale_recipe_end_to_end(ray_session, tmp_path,
     downloads = [json.loads(line)["ref"] for line in (cache / "downloads.log").read_text().splitlines()]
     assert sorted(downloads) == sorted(set(s3_models.values()))
 
-    # A rerun reproduces the same images (seeds from sku, recipe, variant).
-    run_catalog(RunConfig(manifest=str(manifest), recipes=(ads,), output=str(tmp_path / "out"), run_id="again", model_cache=str(cache)))
+    # Generated variants carry their provenance: the IPTC label in the file, and a watermark
+    # that survives JPEG re-encoding at quality 85 and maps back to the row.
+    for r in rows:
+        data = Path(r["output_uri"]).read_bytes()
+        label = read_xmp(data)
+        assert r["ai_generated"] and label["Iptc4xmpExt:DigitalSourceType"] == DIGITAL_SOURCE_TYPE
+        assert label["skustudio:sku"] == r["sku"] and label["skustudio:watermark"] == r["watermark_id"]
+        assert f"{read_watermark(np.asarray(Image.open(r['output_uri']).convert('RGB'))):08x}" == r["watermark_id"]
+    sample = rows[0]
+    reencoded = tmp_path / "reposted.jpg"
+    Image.open(sample["output_uri"]).convert("RGB").save(reencoded, "JPEG", quality=85)  # metadata stripped too
+    found = verify(str(reencoded), StorageConfig(), str(tmp_path / "out"))
+    assert not found.label and found.watermark_id == sample["watermark_id"]
+    assert (found.row["sku"], found.row["recipe"], found.row["variant"]) == (sample["sku"], sample["recipe"], sample["variant"])
+    assert verify(str(manifest.parent / "images" / f"{sample['sku']}.jpg"), StorageConfig()).found is False
+
+    # A rerun reproduces the same images (seeds from sku, recipe, variant); --full, so the
+    # images are generated again rather than carried forward from run "gen".
+    run_catalog(RunConfig(manifest=str(manifest), recipes=(ads,), output=str(tmp_path / "out"), run_id="again", model_cache=str(cache), full=True))
     again = {(r["sku"], r["segment"]): r for r in pq.read_table(tmp_path / "out" / "again" / "variants").to_pylist()}
     for r in ads_rows:
         a = np.asarray(Image.open(r["output_uri"]))
         b = np.asarray(Image.open(again[(r["sku"], r["segment"])]["output_uri"]))
         assert np.array_equal(a, b)
     assert len(downloads) == len((cache / "downloads.log").read_text().splitlines())  # no new download
+    assert all(r["reused_from"] is None for r in again.values())
 
 
 def test_a_missing_or_misfit_model_stops_the_run_before_any_work(ray_session, tmp_path, s3_models, bucket):
