@@ -41,7 +41,10 @@ def fake_autoscaling_config(gcs_port: int, head_cpus: int, worker_types: dict, i
         "max_workers": sum(t.get("max_workers", 0) for t in worker_types.values()),
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_minutes,
-        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "disable_launch_config_check": True},
+        # Ray's fake provider is read-only: node updaters (which write tags) must be off, or every
+        # launched node is torn down as "launch failed" a second later and the run churns nodes.
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},  # fmt: skip
         "auth": {"ssh_user": "ray"},
         "available_node_types": types,
         "head_node_type": "ray.head.default",
@@ -150,6 +153,14 @@ class LocalCluster:
         """Alive nodes from the state API: dicts with node_id, resources_total, ..."""
         body = self.get_json("/api/v0/nodes?limit=1000&detail=1")
         return [n for n in body["data"]["result"]["result"] if n.get("state") == "ALIVE"]
+
+    def autoscaler_events(self) -> str:
+        """The autoscaler's event lines (adding / removing nodes and why), for assertions and
+        for failure messages."""
+        lines = []
+        for log in Path(self.temp_dir).glob("session_*/logs/monitor.log"):
+            lines += [ln for ln in log.read_text(errors="replace").splitlines() if "event_summary" in ln or "Terminating" in ln]
+        return "\n".join(lines)
 
     def wait_nodes(self, n: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
