@@ -241,11 +241,13 @@ def _print_summary(s) -> None:
     for name, n in sorted(s.variants_by_recipe.items()):
         table.add_row(name, str(n))
     out.print(table)
-    out.print(f"inputs {s.inputs}  variants {s.variants}  passed gate {s.passed}  errors {s.errors}  in {s.wall_s:.1f}s")
+    out.print(f"inputs {s.inputs}  variants {s.variants}  passed gate {s.passed}  rejected {s.rejected}  errors {s.errors}  in {s.wall_s:.1f}s")
+    if s.retried:
+        out.print(f"gate retries: {s.retried} variants regenerated with a new seed")
     out.print(f"generated {s.generated}  reused from the last run {s.reused}  finished by earlier attempts {s.resumed}" + (f"  (attempt {s.attempt})" if s.attempt > 1 else ""))
     if s.errors_by_stage:
         out.print("errors by stage: " + ", ".join(f"{k}={v}" for k, v in sorted(s.errors_by_stage.items())))
-    out.print(f"images:   {s.output}/images/")
+    out.print(f"images:   {s.output}/images/" + (f"  (rejected: {s.output}/rejected/)" if s.rejected else ""))
     out.print(f"variants: {s.variants_uri}/*.parquet")
     out.print(f"errors:   {s.errors_uri}/*.parquet")
     out.print(f"summary:  {s.output}/_run.json")

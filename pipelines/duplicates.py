@@ -30,11 +30,15 @@ SOURCE_DISTANCE = 3  # must stay < 4 for the 4-band candidate search to be exact
 
 def variant_repeats(rows: list[dict], distance: int = VARIANT_DISTANCE) -> dict[tuple[str, str, int], int]:
     """{(sku, recipe, variant): the lower variant it repeats} from rows with sku, recipe,
-    variant and phash."""
-    groups: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+    variant, phash and (optionally) attempt; each variant is judged by its last gate attempt."""
+    final: dict[tuple[str, str, int], tuple[int, str]] = {}
     for r in rows:
-        if r["phash"]:
-            groups[(r["sku"], r["recipe"])].append((int(r["variant"]), r["phash"]))
+        key, attempt = (r["sku"], r["recipe"], int(r["variant"])), int(r.get("attempt") or 1)
+        if r["phash"] and (key not in final or attempt > final[key][0]):
+            final[key] = (attempt, r["phash"])
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+    for (sku, recipe, v), (_, h) in final.items():
+        groups[(sku, recipe)].append((v, h))
     out = {}
     for (sku, recipe), items in groups.items():
         items.sort()
@@ -73,7 +77,7 @@ def shared_sources(pairs: set[tuple[str, str]], distance: int = SOURCE_DISTANCE)
 def flag_duplicates(rows):
     """The run's rows with `duplicate_of_variant` and `shared_source_skus` filled in."""
     meta = []
-    for batch in rows.select_columns(["kind", "sku", "recipe", "variant", "phash", "source_phash"]).iter_batches(batch_format="pyarrow"):
+    for batch in rows.select_columns(["kind", "sku", "recipe", "variant", "attempt", "phash", "source_phash"]).iter_batches(batch_format="pyarrow"):
         meta.extend(batch.filter(pc.equal(batch["kind"], "variant")).to_pylist())
     repeats = variant_repeats(meta)
     shared = shared_sources({(r["sku"], r["source_phash"]) for r in meta})

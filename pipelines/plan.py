@@ -59,7 +59,8 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
     recipes = list(ctx.recipes().values())
     ds = read_manifest(manifest_uri, ctx.storage, columns)
     cpu = {"num_cpus": 1, "batch_size": plan.cpu_batch_size}
-    ds = ds.map_batches(ParseRows([r.name for r in recipes], ctx.duplicates), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
+    only = frozenset(sku for sku, *_ in ctx.retry) if ctx.retry else None  # a gate retry pass
+    ds = ds.map_batches(ParseRows([r.name for r in recipes], ctx.duplicates, only), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
     # A manifest file is read as one block, and Ray runs one task per block: without this
     # streaming split, a 10k-row JSONL would be processed by a single task.
     ds = ds.repartition(target_num_rows_per_block=plan.cpu_batch_size)

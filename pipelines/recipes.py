@@ -10,6 +10,7 @@ variants per SKU, and a gate of score thresholds.
         params: {size: 1600, fill: 0.85}
     gate:
       score_width: {min: 1600}
+    max_attempts: 3   # a seeded recipe's variant failing the gate is regenerated with the next seed
 
 A recipe's hash covers every op's *validated* config (defaults included) and version, so
 changing a default or bumping an op version changes the hash.
@@ -85,6 +86,9 @@ class RecipeSpec(_Strict):
     output: OutputSpec = OutputSpec()
     ops: list[StepSpec] = Field(..., min_length=1)
     gate: dict[str, Threshold] = Field(default_factory=dict)
+    # Attempts per variant when the gate fails (seeded recipes only: a deterministic recipe
+    # would produce the same image again, so it fails once with its reasons).
+    max_attempts: int = Field(3, ge=1, le=10)
 
     @field_validator("gate")
     @classmethod
@@ -154,7 +158,12 @@ class Recipe:
             "output": self.spec.output.model_dump(),
             "ops": [{"op": s.op.key, "config": s.op.config.model_dump(mode="json")} for s in self.steps],
             "gate": {k: v.model_dump() for k, v in sorted(self.spec.gate.items())},
+            "max_attempts": self.spec.max_attempts,
         }
+
+    def retries(self, attempt: int) -> bool:
+        """Whether a variant that failed the gate at `attempt` is tried again."""
+        return bool(self.spec.gate) and self.uses_seed and attempt < self.spec.max_attempts
 
     def gate(self, scores: dict[str, float]) -> list[str]:
         """Reasons the scores fail the gate (empty = passed)."""

@@ -2,8 +2,9 @@
 
 Output layout under OUT:
     RUN/images/<recipe>/<sku>/v<variant>-<hash>.<ext>   one object per generated variant
-    RUN/variants/*.parquet        one row per (sku, recipe, variant); reused rows point at
-                                  the image object of the run that generated them
+    RUN/rejected/<recipe>/<sku>/...                     variants that failed their recipe's gate
+    RUN/variants/*.parquet        one row per (sku, recipe, variant, gate attempt); reused rows
+                                  point at the image object of the run that generated them
     RUN/errors/*.parquet          one row per failed input (or input x recipe [x variant])
     RUN/_journal/aNNNN/*.parquet  rows as each batch finished, per attempt (deleted on commit)
     RUN/_run.json                 written last: the run is committed when it exists
@@ -35,7 +36,7 @@ from pipelines.plan import build_dataset, find_duplicate_skus, pool_steps, stage
 from pipelines.duplicates import flag_duplicates
 from pipelines.sink import dedupe_repeated_rows, write_tables
 from pipelines.stages import RunContext
-from pipelines.state import JOURNAL, LATEST, RUN_RECORD, journal_attempts, load_prior, recipe_fingerprint
+from pipelines.state import JOURNAL, LATEST, RUN_RECORD, PriorState, journal_attempts, load_prior, recipe_fingerprint
 from pipelines.storage import StorageConfig, delete_objects, exists, join, list_objects, redact, write_bytes
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class RunSummary:
     run_id: str
     output: str  # OUT/RUN
     inputs: int
-    variants: int
+    variants: int  # distinct (sku, recipe, variant): a variant's gate attempts count once
     passed: int
     errors: int
     errors_by_stage: dict[str, int]
@@ -100,6 +101,12 @@ class RunSummary:
     reused: int = 0  # carried forward from the last committed run
     resumed: int = 0  # finished by an earlier, interrupted attempt of this run
     duplicate_rows: int = 0  # verbatim repeated manifest rows folded into one
+    retried: int = 0  # extra gate attempts: rows in the variants table beyond one per variant
+
+    @property
+    def rejected(self) -> int:
+        """Variants whose last attempt failed the gate (their images are under rejected/)."""
+        return self.variants - self.passed
 
     @property
     def variants_uri(self) -> str:
@@ -157,6 +164,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
 
     # 4. Execute. Only metadata rows (no pixels) are materialised; images were written by workers.
     rows = build_dataset(ctx, cfg.manifest, columns, plan).materialize()
+    rows = run_gate_retries(ctx, rows, cfg.manifest, columns, plan)
     rows, folded = dedupe_repeated_rows(rows, duplicates)
     rows = flag_duplicates(rows).materialize()
     t_exec = time.perf_counter() - t0
@@ -186,6 +194,8 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
             "inputs": summary.inputs,
             "variants": summary.variants,
             "passed": summary.passed,
+            "rejected": summary.rejected,
+            "retried": summary.retried,
             "errors": summary.errors,
             "generated": summary.generated,
             "reused": summary.reused,
@@ -204,6 +214,46 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     except Exception as exc:  # noqa: BLE001 - leftovers are harmless: never read once committed
         log.warning("could not delete the journal of run %s: %s", run_id, exc)
     return summary
+
+
+def run_gate_retries(ctx: RunContext, rows, manifest: str, columns: list[str], plan):
+    """Regenerate variants that failed their gate, with the next attempt's seed, until they
+    pass or reach their recipe's max_attempts: one more pass over the plan per attempt, for
+    just those (sku, recipe, variant)s. Returns every pass's rows together."""
+    recipes = ctx.recipes()
+    last = rows
+    while True:
+        todo = retry_set(last, recipes)
+        if not todo:
+            return rows
+        attempt = max(a for *_, a in todo)
+        log.info("gate: regenerating %d variants that failed their gate (attempt up to %d)", len(todo), attempt)
+        retry_ctx = dataclasses.replace(ctx, retry=tuple(sorted(todo)), prior=PriorState())
+        last = build_dataset(retry_ctx, manifest, columns, plan).materialize()
+        rows = rows.union(last).materialize()
+
+
+def retry_set(rows, recipes: dict) -> list[tuple[str, str, int, int]]:
+    """(sku, recipe, variant, next attempt) for each variant generated in this run whose
+    latest attempt failed the gate and whose recipe allows another. Only the rows that failed
+    or are retries themselves reach the driver."""
+    latest: dict[tuple[str, str, int], tuple[int, bool]] = {}
+    for r in rows.map_batches(_gate_outcomes, batch_format="pyarrow").take_all():
+        key = (r["sku"], r["recipe"], int(r["variant"]))
+        attempt = int(r["attempt"] or 1)
+        if key not in latest or attempt > latest[key][0]:
+            latest[key] = (attempt, bool(r["passed"]))
+    return [(*key, a + 1) for key, (a, passed) in latest.items() if not passed and key[1] in recipes and recipes[key[1]].retries(a)]
+
+
+def _gate_outcomes(table):
+    import pyarrow.compute as pc
+
+    variant = pc.equal(table["kind"], "variant")
+    generated = pc.is_null(table["reused_from"])  # carried from a committed run: final already
+    relevant = pc.or_(pc.invert(pc.fill_null(table["passed"], False)), pc.greater(pc.fill_null(table["attempt"], 1), 1))
+    mask = pc.fill_null(pc.and_(pc.and_(variant, generated), relevant), False)
+    return table.filter(mask).select(["sku", "recipe", "variant", "attempt", "passed"])
 
 
 def check_models(recipes, store: ModelStore) -> None:
@@ -235,12 +285,14 @@ def _summarise(rows, run_id: str, prefix: str, wall_s: float, attempt: int = 1) 
     counts = {r["bucket"]: r["count()"] for r in keyed.groupby("bucket", num_partitions=1).count().take_all()}
     variants_by_recipe: dict[str, int] = {}
     errors_by_stage: dict[str, int] = {}
-    passed = input_errors = 0
+    passed = input_errors = retried = 0
     origins = {"generated": 0, "reused": 0, "resumed": 0}
     for key, n in counts.items():
         kind, a, b, *rest = key.split("|")
         if kind == "variant":
-            variants_by_recipe[a] = variants_by_recipe.get(a, 0) + n
+            # Each retry row supersedes one earlier attempt of its variant.
+            variants_by_recipe[a] = variants_by_recipe.get(a, 0) + (0 if rest[1] == "retry" else n)
+            retried += n if rest[1] == "retry" else 0
             passed += n if b == "1" else 0
             origins[rest[0]] += n
         else:
@@ -259,6 +311,7 @@ def _summarise(rows, run_id: str, prefix: str, wall_s: float, attempt: int = 1) 
         variants_by_recipe=variants_by_recipe,
         wall_s=wall_s,
         attempt=attempt,
+        retried=retried,
         **origins,
     )
 
@@ -267,12 +320,12 @@ def _count_keys(table, attempt: int):
     import pyarrow as pa
 
     buckets, inputs = [], []
-    for kind, recipe, stage, passed, sku, src, reused_from, run_attempt in zip(
-        *(table[c].to_pylist() for c in ("kind", "recipe", "stage", "passed", "sku", "source_uri", "reused_from", "run_attempt"))
+    for kind, recipe, stage, passed, sku, src, reused_from, run_attempt, gate_attempt in zip(
+        *(table[c].to_pylist() for c in ("kind", "recipe", "stage", "passed", "sku", "source_uri", "reused_from", "run_attempt", "attempt"))
     ):
         if kind == "variant":
             origin = "reused" if reused_from else ("generated" if run_attempt == attempt else "resumed")
-            buckets.append(f"variant|{recipe}|{int(bool(passed))}|{origin}")
+            buckets.append(f"variant|{recipe}|{int(bool(passed))}|{origin}|{'retry' if (gate_attempt or 1) > 1 else 'first'}")
         else:
             buckets.append(f"error|{stage}|{'recipe' if recipe else 'input'}")
         inputs.append("" if kind == "error" and not recipe else f"{sku}\x00{src}")

@@ -36,6 +36,10 @@ VARIANT_COLUMNS = [
     ("model_sha256", pa.list_(pa.string())),
     ("recipe_hash", pa.string()),
     ("ops", pa.list_(pa.string())),
+    # Quality gate: `attempt` 1 is the first try; a seeded recipe whose variant fails its gate
+    # is regenerated with the next seed as attempt 2, 3, ... up to the recipe's max_attempts.
+    # Every attempt is a row; only passing ones are under RUN/images/ (failed: RUN/rejected/).
+    ("attempt", pa.int32()),
     ("passed", pa.bool_()),
     ("reasons", pa.list_(pa.string())),
     ("notes", pa.string()),

@@ -79,7 +79,7 @@ def dedupe_repeated_rows(rows, duplicates: tuple[tuple[str, str, int], ...]):
         return rows, 0
     seen: dict[tuple, dict] = {}
     for r in dup_rows:
-        key = (r["kind"], r["sku"], r["source_uri"], r["recipe"], r["variant"], r["stage"], r["message"])
+        key = (r["kind"], r["sku"], r["source_uri"], r["recipe"], r["variant"], r["attempt"], r["stage"], r["message"])
         seen.setdefault(key, r)
     folded = len(dup_rows) - len(seen)
     rest = rows.map_batches(pick, fn_kwargs={"keep": False}, batch_format="pyarrow")

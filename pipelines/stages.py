@@ -60,6 +60,9 @@ class RunContext:
     trust_etag: bool = True  # see docs/operations.md: when an unchanged S3 ETag may skip the GET
     journal: bool = True  # Finish records each batch under _journal/ so a rerun can resume
     duplicates: tuple[tuple[str, str, int], ...] = ()  # (sku, kept image_uri, rows) for repeated skus
+    # A gate retry pass: (sku, recipe, variant, attempt) to regenerate with that attempt's seed;
+    # everything else in the manifest is skipped. Empty for the main pass.
+    retry: tuple[tuple[str, str, int, int], ...] = ()
 
     def recipes(self) -> dict[str, Recipe]:
         loaded = [load_recipe(ref) for ref in self.recipe_refs]
@@ -71,6 +74,9 @@ class RunContext:
     @property
     def run_prefix(self) -> str:
         return join(self.output, self.run_id)
+
+    def retry_attempts(self) -> dict[tuple[str, str, int], int]:
+        return {(sku, recipe, int(v)): int(a) for sku, recipe, v, a in self.retry}
 
 
 _worker_ready = False
@@ -157,9 +163,10 @@ class ParseRows:
     every row naming another image becomes an error row, so a sku never gets two sets of
     variants. Rows repeated verbatim are deduplicated when the run commits."""
 
-    def __init__(self, recipe_names: list[str], duplicates: tuple[tuple[str, str, int], ...] = ()):
+    def __init__(self, recipe_names: list[str], duplicates: tuple[tuple[str, str, int], ...] = (), only_skus: frozenset[str] | None = None):
         self.recipe_names = recipe_names
         self.duplicates = {sku: (kept, n) for sku, kept, n in duplicates}
+        self.only_skus = only_skus  # a gate retry pass: the skus with variants to regenerate
 
     def __call__(self, table):
         rows = []
@@ -172,6 +179,8 @@ class ParseRows:
                         f"sku {row['sku']!r} is listed {n} times in the manifest with different images; kept the row "
                         f"with image_uri {kept!r} and skipped this one ({row['source_uri']!r}); give each product one row"
                     )
+            if self.only_skus is not None and (row["error"] or row["sku"] not in self.only_skus):
+                continue  # a retry pass: this row's outcome is already recorded by the main pass
             if row["error"]:
                 row.update(stage="manifest", error_type="ManifestRowError")
             else:
@@ -226,7 +235,7 @@ class Fetch:
             return False
         priors = prior_rows(self.ctx.prior, row["sku"])
         wanted = [(name, v) for name in row["recipes"] for v in range(self.fan_out[name])]
-        found = [priors.get(k) for k in wanted]
+        found = [priors[k][-1] if k in priors else None for k in wanted]  # each variant's last attempt
         if not found or any(p is None or p["source_uri"] != uri or not p["source_etag"] for p in found):
             return False
         if len({(p["source_etag"], p["source_size"], p["source_sha256"]) for p in found}) != 1:
@@ -243,15 +252,16 @@ class Fetch:
 
 
 WORK_KEYS = [
-    "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "segment", "seed", "source_sha256",
+    "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "attempt", "segment", "seed", "source_sha256",
     "source_etag", "source_size", "input_sha256", "state_key", "reuse", "source_phash",
     "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models", "nodes",
     "error", "stage", "error_type",
 ]  # fmt: skip
 # `models` is a JSON list of [reference, sha256] pairs, one per model-backed step the row
 # went through, `nodes` a JSON list of the Ray node ids that worked on the row (decode, each
-# pool stage, finish), and `reuse` the JSON of a prior variant row this row carries forward ('' when
-# the row is generated): strings, so they survive Ray's numpy <-> Arrow conversions unchanged.
+# pool stage, finish), and `reuse` the JSON list of prior rows (one per gate attempt) this row
+# carries forward ('' when the row is generated): strings, so they survive Ray's numpy <-> Arrow
+# conversions unchanged.
 
 
 class DecodeAndExpand:
@@ -264,30 +274,35 @@ class DecodeAndExpand:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.recipes = ctx.recipes()
+        self.retry = ctx.retry_attempts()
 
     def __call__(self, table) -> Batch:
         _init_worker()
         out = []
         for row in table.to_pylist():
             base = {k: row.get(k) for k in self._BASE}
-            base.update(recipe="", variant=-1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", state_key="", reuse="",
+            base.update(recipe="", variant=-1, attempt=1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", state_key="", reuse="",
                         nodes=json.dumps([node_id()]), source_phash="")  # fmt: skip
             base.update(source=EMPTY_IMAGE, image=EMPTY_IMAGE, mask=NO_MASK, affine=identity_affine(), overlay_mask=NO_MASK)
             if base["error"]:
                 out.append(base)
                 continue
-            # 1. One work row per (recipe, variant[, segment]), each with its state key.
+            # 1. One work row per (recipe, variant[, segment]), each with its state key; a gate
+            #    retry pass makes only the variants it regenerates, with their attempt's seed.
             priors = prior_rows(self.ctx.prior, row["sku"])
             work = []
             for name in row["recipes"]:
                 recipe = self.recipes[name]
                 for v, segment in enumerate(recipe.fan_out()):
+                    attempt = self.retry.get((row["sku"], name, v), 0) if self.retry else 1
+                    if not attempt:
+                        continue
                     key = state_key(row["input_sha256"], self.ctx.fingerprint(name))
                     prior = priors.get((name, v))
-                    reuse = prior is not None and prior["state_key"] == key
-                    work.append({**base, "recipe": name, "variant": v, "segment": segment, "seed": derive_seed(row["sku"], name, v),
-                                 "state_key": key, "reuse": json.dumps(prior, default=str) if reuse else "",
-                                 "next_step": len(recipe.steps) if reuse else 0})  # fmt: skip
+                    reuse = prior is not None and prior[-1]["state_key"] == key
+                    work.append({**base, "recipe": name, "variant": v, "attempt": attempt, "segment": segment,
+                                 "seed": derive_seed(row["sku"], name, v, attempt - 1), "state_key": key,
+                                 "reuse": json.dumps(prior, default=str) if reuse else "", "next_step": len(recipe.steps) if reuse else 0})  # fmt: skip
             if all(w["reuse"] for w in work):
                 out.extend(work)
                 continue
@@ -460,7 +475,7 @@ class Finish:
         out = []
         for r in _rows(batch):
             if r["reuse"]:
-                out.append(carried_row(json.loads(r["reuse"]), self.ctx.run_id, r["source_uri"]))
+                out.extend(carried_row(p, self.ctx.run_id, r["source_uri"]) for p in json.loads(r["reuse"]))
                 continue
             if not r["error"]:
                 try:
@@ -479,7 +494,7 @@ class Finish:
         reuses them. Named by the rows' keys, so a retried task overwrites its own file."""
         import pyarrow.parquet as pq
 
-        keys = sorted(f"{k}\x00{s}\x00{r}\x00{v}" for k, s, r, v in zip(*(table[c].to_pylist() for c in ("kind", "sku", "recipe", "variant"))))
+        keys = sorted("\x00".join(map(str, key)) for key in zip(*(table[c].to_pylist() for c in ("kind", "sku", "recipe", "variant", "attempt"))))
         name = hashlib.sha256("\n".join(keys).encode("utf-8", "surrogatepass")).hexdigest()[:32]
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
@@ -508,8 +523,10 @@ class Finish:
         scores.update(evaluate_compliance(Subject(image=image, mask=r["mask"], fmt=fmt, n_bytes=len(data), ai_generated=generated, ai_labelled=generated)))
         reasons = recipe.gate(scores)
         digest = hashlib.sha256(data).hexdigest()
+        # Only variants that pass the gate are published under images/; the rest are kept
+        # under rejected/ for inspection (and the report), never where a storefront reads.
         key = f"{safe_key_part(recipe.name)}/{safe_key_part(r['sku'])}/v{r['variant']}-{digest[:16]}.{EXTENSIONS[fmt]}"
-        uri = join(self.ctx.output, self.ctx.run_id, "images", key)
+        uri = join(self.ctx.output, self.ctx.run_id, "rejected" if reasons else "images", key)
         write_bytes(uri, data, self.ctx.storage, CONTENT_TYPES[fmt])
         h, w = image.shape[:2]
         models = json.loads(r["models"] or "[]")
@@ -533,6 +550,7 @@ class Finish:
             "format": fmt,
             "segment": r["segment"],
             "seed": int(r["seed"]),
+            "attempt": int(r["attempt"]),
             "model": [m[0] for m in models],
             "model_sha256": [m[1] for m in models],
             "recipe_hash": recipe.hash,

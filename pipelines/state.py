@@ -158,8 +158,9 @@ _shard_cache: OrderedDict[str, dict[str, dict[tuple[str, int], dict[str, Any]]]]
 _CACHED_SHARDS = 8
 
 
-def prior_rows(prior: PriorState, sku: str) -> dict[tuple[str, int], dict[str, Any]]:
-    """{(recipe, variant): reusable row} for one sku (journal rows over committed ones)."""
+def prior_rows(prior: PriorState, sku: str) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """{(recipe, variant): its reusable rows, one per gate attempt, in attempt order} for one
+    sku. A variant's rows from this run's earlier attempts replace the committed run's."""
     if not prior:
         return {}
     import ray
@@ -168,10 +169,15 @@ def prior_rows(prior: PriorState, sku: str) -> dict[tuple[str, int], dict[str, A
     key = ref.hex()
     index = _shard_cache.get(key)
     if index is None:
+        by_origin: dict[str, dict[str, dict[tuple[str, int], dict[int, dict]]]] = {"committed": {}, "journal": {}}
+        for row in ray.get(ref).to_pylist():
+            attempts = by_origin[row["origin"]].setdefault(row["sku"], {}).setdefault((row["recipe"], int(row["variant"])), {})
+            attempts[int(row.get("attempt") or 1)] = row  # a retried journal write repeats a row: keep one
         index = {}
-        # Committed rows first so journal rows (this run's own earlier attempts) overwrite them.
-        for row in sorted(ray.get(ref).to_pylist(), key=lambda r: r["origin"] != "committed"):
-            index.setdefault(row["sku"], {})[(row["recipe"], int(row["variant"]))] = row
+        for origin in ("committed", "journal"):  # journal last: it wins
+            for s, variants in by_origin[origin].items():
+                for k, attempts in variants.items():
+                    index.setdefault(s, {})[k] = [attempts[a] for a in sorted(attempts)]
         _shard_cache[key] = index
         while len(_shard_cache) > _CACHED_SHARDS:
             _shard_cache.popitem(last=False)
