@@ -215,6 +215,22 @@ def jobs(
 
 
 @app.command()
+def report(
+    run: str = typer.Argument(..., help="a committed run: OUT/RUN_ID (local path or s3://)"),
+    s3_endpoint: str = typer.Option(None, help="S3 endpoint URL override (default: AWS_ENDPOINT_URL)"),
+    max_skus: int = typer.Option(60, min=0, help="contact sheets for at most this many SKUs (those with problems first)"),
+):
+    """Write RUN/report.html: counts, pass rates, throughput, score histograms, compliance,
+    errors and a contact sheet per SKU, in one self-contained file. `run` writes it too."""
+    from pipelines.report import write_report
+    from pipelines.storage import StorageConfig
+
+    storage = StorageConfig.from_env(s3_endpoint)
+    uri = _guarded(lambda: write_report(run.rstrip("/"), storage, max_skus=max_skus))
+    out.print(f"report: {uri}")
+
+
+@app.command()
 def verify(
     images: list[str] = typer.Argument(..., help="image files (local paths or s3:// URIs)"),
     output: str = typer.Option(None, help="output prefix of the runs, to map a watermark to its variant row"),
@@ -251,6 +267,8 @@ def _print_summary(s) -> None:
     out.print(f"variants: {s.variants_uri}/*.parquet")
     out.print(f"errors:   {s.errors_uri}/*.parquet")
     out.print(f"summary:  {s.output}/_run.json")
+    if s.report_uri:
+        out.print(f"report:   {s.report_uri}")
 
 
 def main() -> None:

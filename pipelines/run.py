@@ -8,6 +8,7 @@ Output layout under OUT:
     RUN/errors/*.parquet          one row per failed input (or input x recipe [x variant])
     RUN/_journal/aNNNN/*.parquet  rows as each batch finished, per attempt (deleted on commit)
     RUN/_run.json                 written last: the run is committed when it exists
+    RUN/report.html               the run's story at a glance (pipelines/report.py), after commit
     _latest                       the last committed run; moves only on success
 
 Commit protocol (see docs/operations.md): tables are written only after every row finished,
@@ -32,6 +33,7 @@ from ops.codec import DEFAULT_MAX_PIXELS
 from ops.models import ModelError, ModelInfo
 from pipelines.manifest import check_columns
 from pipelines.model_store import ModelStore
+from pipelines.report import write_report
 from pipelines.plan import build_dataset, find_duplicate_skus, pool_steps, stage_sequence
 from pipelines.duplicates import flag_duplicates
 from pipelines.sink import dedupe_repeated_rows, write_tables
@@ -102,6 +104,7 @@ class RunSummary:
     resumed: int = 0  # finished by an earlier, interrupted attempt of this run
     duplicate_rows: int = 0  # verbatim repeated manifest rows folded into one
     retried: int = 0  # extra gate attempts: rows in the variants table beyond one per variant
+    report_uri: str | None = None  # RUN/report.html once written
 
     @property
     def rejected(self) -> int:
@@ -213,6 +216,12 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
         delete_objects(list_objects(join(run_prefix, JOURNAL), storage), storage)
     except Exception as exc:  # noqa: BLE001 - leftovers are harmless: never read once committed
         log.warning("could not delete the journal of run %s: %s", run_id, exc)
+    # 6. The report: after the commit, so it reads exactly what readers will; a report that
+    #    cannot be rendered never undoes a committed run (`skustudio report` can redo it).
+    try:
+        summary.report_uri = write_report(run_prefix, storage)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("run %s is committed, but its report could not be written (%s); rerun `skustudio report %s`", run_id, exc, redact(run_prefix))
     return summary
 
 

@@ -1,0 +1,329 @@
+"""The run report: OUT/RUN/report.html, one self-contained file (thumbnails inline as data
+URIs, no scripts or fonts fetched) that tells a run's story at a glance:
+
+1. key figures: inputs, variants, pass rate, rejected, errors, retries, throughput and
+   worker / GPU seconds per variant;
+2. per recipe: counts, pass rate, attempts;
+3. histograms of the main scores (inline SVG);
+4. marketplace compliance per channel and recipe, and the most failed rules;
+5. errors grouped by stage and error type, with an example each;
+6. a contact sheet per SKU: source, every variant attempt, key scores, pass/fail reasons
+   (SKUs with rejections or errors first; capped so the file stays small).
+
+Elements carrying figures have stable ids (`kpi-<name>`) and data attributes so tests and
+scripts can read them from the DOM.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import logging
+import math
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+from PIL import Image
+
+from ops.compliance import channels
+from pipelines.schema import ERROR_SCHEMA, VARIANT_SCHEMA
+from pipelines.state import RUN_RECORD
+from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, exists, join, list_objects, read_bytes, write_bytes
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.html"
+HISTOGRAM_SCORES = (
+    ("score_sharpness", "sharpness"),
+    ("score_colorfulness", "colourfulness"),
+    ("score_noise_sigma", "noise sigma"),
+    ("score_fidelity_ciede2000", "product fidelity, mean CIEDE2000 (lower is better)"),
+    ("score_fidelity_ssim", "product fidelity, SSIM"),
+)
+SHEET_SCORES = (("score_sharpness", "sharp"), ("score_fidelity_ciede2000", "ΔE"), ("score_colorfulness", "colour"))
+
+
+@dataclasses.dataclass
+class RunData:
+    record: dict
+    variants: list[dict]
+    errors: list[dict]
+
+
+def load_run(run_prefix: str, storage: StorageConfig) -> RunData:
+    """The committed run's record and tables; a clear error when the prefix holds no run."""
+    record_uri = join(run_prefix, RUN_RECORD)
+    if not exists(record_uri, storage):
+        raise ValueError(f"{run_prefix} holds no committed run ({RUN_RECORD} missing); pass OUT/RUN_ID of a finished run")
+    record = json.loads(read_bytes(record_uri, storage))
+    return RunData(record, _table(join(run_prefix, "variants"), VARIANT_SCHEMA, storage), _table(join(run_prefix, "errors"), ERROR_SCHEMA, storage))
+
+
+def _table(prefix: str, schema: pa.Schema, storage: StorageConfig) -> list[dict]:
+    files = [u for u in list_objects(prefix, storage) if u.endswith(".parquet")]
+    if not files:
+        return []
+    fs, _ = arrow_filesystem(files[0], storage)
+    table = pads.dataset([arrow_filesystem(u, storage)[1] for u in files], filesystem=fs, format="parquet").to_table()
+    return table.select([n for n in schema.names if n in table.column_names]).to_pylist()
+
+
+def write_report(run_prefix: str, storage: StorageConfig, max_skus: int = 60, thumb_px: int = 144) -> str:
+    """Render OUT/RUN/report.html; returns its URI."""
+    data = load_run(run_prefix, storage)
+    page = render(data, storage, max_skus=max_skus, thumb_px=thumb_px)
+    uri = join(run_prefix, REPORT)
+    write_bytes(uri, page.encode("utf-8"), storage, "text/html; charset=utf-8")
+    return uri
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def final_rows(variants: list[dict]) -> list[dict]:
+    """Each variant's last gate attempt (what the storefront got, or why not)."""
+    last: dict[tuple, dict] = {}
+    for r in variants:
+        key = (r["sku"], r["recipe"], r["variant"])
+        if key not in last or (r.get("attempt") or 1) > (last[key].get("attempt") or 1):
+            last[key] = r
+    return list(last.values())
+
+
+def key_figures(data: RunData) -> dict[str, float | int | None]:
+    final = final_rows(data.variants)
+    generated = [r for r in data.variants if not r.get("reused_from")]
+    counts = data.record.get("counts", {})
+    execute_s = float(data.record.get("timings", {}).get("execute_s") or 0.0)
+    gpus = float(data.record.get("resources", {}).get("cluster_gpus") or 0.0)
+    passed = sum(1 for r in final if r["passed"])
+    worker_s = [float(r["duration_s"]) for r in generated if r.get("duration_s") is not None]
+    return {
+        "inputs": counts.get("inputs"),
+        "variants": len(final),
+        "passed": passed,
+        "rejected": len(final) - passed,
+        "pass_rate": passed / len(final) if final else None,
+        "errors": len(data.errors),
+        "retries": len(data.variants) - len(final),
+        "generated": len(generated),
+        "reused": len(data.variants) - len(generated),
+        "execute_s": execute_s,
+        # Throughput counts every image this run made (retries included) over the execution wall time.
+        "throughput": len(generated) / execute_s if execute_s > 0 and generated else None,
+        # Summed per-row op time: what a variant cost in worker time, wherever it ran.
+        "worker_s_per_variant": sum(worker_s) / len(worker_s) if worker_s else None,
+        # GPUs held for the execution, shared over the images made: an upper bound on GPU time.
+        "gpu_s_per_variant": execute_s * gpus / len(generated) if gpus and generated else None,
+    }
+
+
+def _fmt(v, kind: str = "") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if kind == "pct":
+        return f"{100 * v:.1f}%"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return f"{v:,}"
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def render(data: RunData, storage: StorageConfig, max_skus: int = 60, thumb_px: int = 144) -> str:
+    rec = data.record
+    k = key_figures(data)
+    kpis = [
+        ("inputs", "inputs", ""), ("variants", "variants", ""), ("pass_rate", "pass rate", "pct"), ("passed", "passed", ""),
+        ("rejected", "rejected", ""), ("errors", "error rows", ""), ("retries", "gate retries", ""), ("reused", "reused", ""),
+        ("throughput", "images / s", ""), ("worker_s_per_variant", "worker s / variant", ""), ("gpu_s_per_variant", "GPU s / variant (bound)", ""),
+    ]  # fmt: skip
+    e = html.escape
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>skustudio run {e(str(rec.get('run_id')))}</title><style>{CSS}</style></head><body>",
+        f"<h1>Run <span id='run-id'>{e(str(rec.get('run_id')))}</span></h1>",
+        f"<p class='meta'>committed {e(str(rec.get('created_utc', '')))} · attempt {e(str(rec.get('attempt', 1)))} · "
+        f"execution {_fmt(k['execute_s'])} s · reused from {e(str(rec.get('reused_from_run') or '–'))}</p>",
+        "<section class='kpis'>",
+        *[f"<div class='kpi' data-kpi='{name}'><span class='v' id='kpi-{name}'>{_fmt(k[name], kind)}</span><span class='l'>{label}</span></div>" for name, label, kind in kpis],
+        "</section>",
+        _recipes_section(data),
+        _histograms_section(data),
+        _compliance_section(data),
+        _errors_section(data),
+        _sheets_section(data, storage, max_skus, thumb_px),
+        # The only script: after load, record how many thumbnails the browser decoded (so a
+        # headless check can tell a broken image from a good one). Nothing is fetched.
+        "<script>addEventListener('load',()=>{const i=[...document.images];"
+        "document.body.dataset.images=i.length;document.body.dataset.imagesDecoded=i.filter(x=>x.complete&&x.naturalWidth>0).length;});</script>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _recipes_section(data: RunData) -> str:
+    final = final_rows(data.variants)
+    rows = []
+    recipes = sorted({r["recipe"] for r in data.variants} | set(data.record.get("recipes", {})))
+    for name in recipes:
+        fin = [r for r in final if r["recipe"] == name]
+        passed = sum(1 for r in fin if r["passed"])
+        attempts = sum(1 for r in data.variants if r["recipe"] == name)
+        errs = sum(1 for r in data.errors if r["recipe"] == name)
+        rate = passed / len(fin) if fin else None
+        rows.append(
+            f"<tr data-recipe='{html.escape(name)}'><td>{html.escape(name)}</td><td class='n' data-col='variants'>{len(fin)}</td>"
+            f"<td class='n' data-col='passed'>{passed}</td><td class='n' data-col='pass-rate'>{_fmt(rate, 'pct')}</td>"
+            f"<td class='n' data-col='attempts'>{attempts}</td><td class='n' data-col='errors'>{errs}</td></tr>"
+        )
+    return ("<h2>Recipes</h2><table id='recipes'><tr><th>recipe</th><th>variants</th><th>passed</th><th>pass rate</th>"
+            "<th>attempts</th><th>errors</th></tr>" + "".join(rows) + "</table>")  # fmt: skip
+
+
+def histogram_svg(values: list[float], bins: int = 20, width: int = 320, height: int = 110) -> str:
+    """A small bar histogram as inline SVG, with the range printed under it."""
+    vals = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    if not len(vals):
+        return "<p class='muted'>no values</p>"
+    lo, hi = float(vals.min()), float(vals.max())
+    counts, _ = np.histogram(vals, bins=bins, range=(lo, hi if hi > lo else lo + 1))
+    top = counts.max() or 1
+    bw = width / bins
+    bars = "".join(
+        f"<rect x='{i * bw + 1:.1f}' y='{height - 14 - (c / top) * (height - 20):.1f}' width='{bw - 2:.1f}' height='{(c / top) * (height - 20):.1f}'><title>{c}</title></rect>"
+        for i, c in enumerate(counts)
+    )
+    return (f"<svg width='{width}' height='{height}' role='img' data-n='{len(vals)}'>{bars}"
+            f"<text x='0' y='{height - 2}'>{lo:.3g}</text><text x='{width}' y='{height - 2}' text-anchor='end'>{hi:.3g}</text></svg>")  # fmt: skip
+
+
+def _histograms_section(data: RunData) -> str:
+    final = final_rows(data.variants)
+    cells = []
+    for col, label in HISTOGRAM_SCORES:
+        values = [r.get(col) for r in final]
+        if not any(v is not None and math.isfinite(v) for v in values):
+            continue
+        cells.append(f"<figure data-score='{col}'>{histogram_svg(values)}<figcaption>{html.escape(label)}</figcaption></figure>")
+    return "<h2>Scores</h2><div class='hists'>" + ("".join(cells) or "<p class='muted'>no scores</p>") + "</div>"
+
+
+def _compliance_section(data: RunData) -> str:
+    final = final_rows(data.variants)
+    recipes = sorted({r["recipe"] for r in final})
+    chans = channels()
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in chans)
+    rows = []
+    for name in recipes:
+        fin = [r for r in final if r["recipe"] == name]
+        cells = []
+        for ch in chans:
+            ok = sum(1 for r in fin if r.get(f"compliance_{ch}"))
+            cells.append(f"<td class='n' data-channel='{ch}' data-pass='{ok}' data-total='{len(fin)}'>{ok}/{len(fin)}</td>")
+        rows.append(f"<tr data-recipe='{html.escape(name)}'><td>{html.escape(name)}</td>{''.join(cells)}</tr>")
+    failed = Counter()
+    required = {(ch, rule.name): rule.required for ch, spec in chans.items() for rule in spec.rules}
+    for r in final:
+        for ch, rule in required:
+            if r.get(f"compliance_{ch}_{rule}") is False:
+                failed[(ch, rule)] += 1
+    top = "".join(
+        f"<li data-rule='{ch}_{rule}'>{html.escape(ch)} · {html.escape(rule)}{'' if required[(ch, rule)] else ' (recommended)'}: <b>{n}</b></li>"
+        for (ch, rule), n in failed.most_common(12)
+    )
+    return (f"<h2>Marketplace compliance</h2><table id='compliance'><tr><th>recipe</th>{head}</tr>{''.join(rows)}</table>"
+            f"<h3>Most failed rules</h3><ul id='failed-rules'>{top or '<li>none</li>'}</ul>")  # fmt: skip
+
+
+def _errors_section(data: RunData) -> str:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in data.errors:
+        groups[(r.get("stage") or "?", r.get("error_type") or "?")].append(r)
+    if not groups:
+        return "<h2>Errors</h2><p id='no-errors'>No error rows.</p>"
+    rows = []
+    for (stage, etype), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        ex = items[0]
+        msg = (ex.get("message") or "")[:240]
+        rows.append(
+            f"<tr data-stage='{html.escape(stage)}' data-error-type='{html.escape(etype)}'><td>{html.escape(stage)}</td><td>{html.escape(etype)}</td>"
+            f"<td class='n' data-col='count'>{len(items)}</td><td>{html.escape(str(ex.get('sku')))}: {html.escape(msg)}</td></tr>"
+        )
+    return "<h2>Errors</h2><table id='errors'><tr><th>stage</th><th>error type</th><th>rows</th><th>example</th></tr>" + "".join(rows) + "</table>"
+
+
+def thumbnail(uri: str, storage: StorageConfig, px: int) -> str:
+    """A data-URI JPEG thumbnail of an image object, or '' when it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(read_bytes(uri, storage))) as im:
+            im.draft("RGB", (px, px))  # JPEG: decode at reduced size
+            im = im.convert("RGB")
+            im.thumbnail((px, px))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=70)
+    except (StorageError, OSError, ValueError) as exc:
+        log.info("report: no thumbnail for %s: %s", uri, exc)
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(src: str, alt: str) -> str:
+    return f"<img src='{src}' alt='{html.escape(alt)}'>" if src else f"<div class='noimg'>{html.escape(alt)}: unavailable</div>"
+
+
+def _sheets_section(data: RunData, storage: StorageConfig, max_skus: int, thumb_px: int) -> str:
+    by_sku: dict[str, list[dict]] = defaultdict(list)
+    for r in data.variants:
+        by_sku[r["sku"]].append(r)
+    err_skus = Counter(r["sku"] for r in data.errors if r.get("sku"))
+    # SKUs needing attention first: errors, then rejected variants; then the rest by name.
+    def rank(sku: str):
+        fin = final_rows(by_sku.get(sku, []))
+        return (-(err_skus[sku] > 0), -sum(1 for r in fin if not r["passed"]), sku)
+
+    skus = sorted(set(by_sku) | set(err_skus), key=rank)
+    shown = skus[:max_skus]
+    cards = []
+    for sku in shown:
+        rows = sorted(by_sku.get(sku, []), key=lambda r: (r["recipe"], r["variant"], r.get("attempt") or 1))
+        src_uri = rows[0]["source_uri"] if rows else next((r["source_uri"] for r in data.errors if r["sku"] == sku), None)
+        tiles = [f"<div class='tile src'>{_img(thumbnail(src_uri, storage, thumb_px) if src_uri else '', 'source')}<div class='cap'>source</div></div>"]
+        for r in rows:
+            scores = " · ".join(f"{short} {_fmt(r.get(col))}" for col, short in SHEET_SCORES if r.get(col) is not None and math.isfinite(r.get(col)))
+            why = "; ".join(r.get("reasons") or [])
+            status = "pass" if r["passed"] else "fail"
+            tiles.append(
+                f"<div class='tile {status}' data-recipe='{html.escape(r['recipe'])}' data-variant='{r['variant']}' data-attempt='{r.get('attempt') or 1}' data-passed='{str(bool(r['passed'])).lower()}'>"
+                f"{_img(thumbnail(r['output_uri'], storage, thumb_px), r['recipe'])}"
+                f"<div class='cap'><b>{html.escape(r['recipe'])}</b> v{r['variant']}{' a' + str(r.get('attempt')) if (r.get('attempt') or 1) > 1 else ''} "
+                f"<span class='badge'>{status}</span><br>{html.escape(scores)}{'<br><span class=why>' + html.escape(why) + '</span>' if why else ''}</div></div>"
+            )
+        for er in (r for r in data.errors if r["sku"] == sku):
+            tiles.append(f"<div class='tile err'><div class='cap'><b>error</b> {html.escape(er.get('stage') or '')}: {html.escape((er.get('message') or '')[:160])}</div></div>")
+        cards.append(f"<div class='sku' data-sku='{html.escape(sku)}'><h3>{html.escape(sku)}</h3><div class='tiles'>{''.join(tiles)}</div></div>")
+    more = f"<p class='muted' id='sheets-more'>{len(skus) - len(shown)} more SKUs not shown (see variants/*.parquet).</p>" if len(skus) > len(shown) else ""
+    return f"<h2>Contact sheets</h2><div id='sheets' data-shown='{len(shown)}' data-total='{len(skus)}'>{''.join(cards)}</div>{more}"
+
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{margin:0 0 4px}h2{margin-top:28px;border-bottom:1px solid #ddd}
+.meta,.muted{color:#777}
+.kpis{display:flex;flex-wrap:wrap;gap:10px}
+.kpi{border:1px solid #ddd;border-radius:6px;padding:8px 12px;min-width:110px}
+.kpi .v{display:block;font-size:22px;font-weight:600}.kpi .l{color:#666;font-size:12px}
+table{border-collapse:collapse}td,th{border:1px solid #e3e3e3;padding:4px 8px;text-align:left}td.n{text-align:right}
+.hists{display:flex;flex-wrap:wrap;gap:16px}figure{margin:0}svg rect{fill:#4a7bd0}svg text{font-size:10px;fill:#555}
+.tiles{display:flex;flex-wrap:wrap;gap:8px}.tile{width:150px;border:2px solid #ccc;border-radius:4px;padding:3px;font-size:11px}
+.tile img{width:144px;height:144px;object-fit:contain;background:#f4f4f4}
+.tile.pass{border-color:#3a9d5d}.tile.fail{border-color:#d04a4a}.tile.err{border-color:#d08a2a;background:#fff6e8}
+.badge{font-weight:600}.pass .badge{color:#3a9d5d}.fail .badge{color:#d04a4a}.why{color:#a33}
+.noimg{width:144px;height:144px;display:flex;align-items:center;justify-content:center;background:#eee;color:#999}
+"""
