@@ -3,7 +3,8 @@
 A model reference (in a recipe) is a local path or an `s3://` URI of either
 - a diffusers `save_pretrained` directory (has `model_index.json`), for diffusion ops, or
 - one checkpoint file (`.safetensors`, `.pth`, `.pt`, `.ckpt`, or an OpenCV `.pb` graph),
-  for GAN ops.
+  for GAN ops, or a NIQE parameter `.mat` file, or
+- a BRISQUE directory (`brisque_model*.yml` + `brisque_range*.yml`) for the quality scores.
 
 The pipeline's model store (`pipelines/model_store.py`) turns S3 references into local
 copies; ops only ever see a `LocalModel`. Loading never touches a model hub: diffusers and
@@ -18,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".pb")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".pb", ".mat")
 DIFFUSERS_INDEX = "model_index.json"
 # Written by the model store beside a cached copy; never part of the content hash.
 STORE_MARKER = ".skustudio-model.json"
@@ -35,7 +36,7 @@ class ModelInfo:
     run can check every model before any GPU time is spent."""
 
     ref: str
-    kind: str  # 'diffusers' or 'checkpoint'
+    kind: str  # 'diffusers', 'checkpoint' or 'brisque'
     class_name: str = ""  # diffusers pipeline class (model_index.json), '' for checkpoints
     unet_in_channels: int | None = None  # 4 text/img2img, 9 inpainting, 8 instruct-pix2pix
     suffix: str = ""  # checkpoint file suffix, '' for diffusers directories
@@ -104,6 +105,9 @@ def describe_files(ref: str, names: list[str], read_small) -> ModelInfo:
     checkpoints = [n for n in names if Path(n).suffix.lower() in CHECKPOINT_SUFFIXES and "/" not in n]
     if len(checkpoints) == 1 and len(names) == 1:
         return ModelInfo(ref=ref, kind="checkpoint", suffix=Path(checkpoints[0]).suffix.lower())
+    ymls = [n for n in names if n.endswith((".yml", ".yaml")) and "/" not in n]
+    if len(names) == 2 and len(ymls) == 2 and sum("range" in n for n in ymls) == 1:
+        return ModelInfo(ref=ref, kind="brisque")
     if not names:
         raise ModelError(f"model {ref!r} not found (no file, and no objects under that prefix); check the path or upload the model")
     raise ModelError(

@@ -23,6 +23,9 @@ SCORE_NAMES = (
     "score_height",
     "score_fidelity_ssim",
     "score_fidelity_ciede2000",
+    # Model-based, when the recipe configures them (ops/quality_models.py); null otherwise.
+    "score_brisque",
+    "score_niqe",
 )
 
 # Sharpness is resolution dependent; measure it at one reference size so a 4000 px photo and

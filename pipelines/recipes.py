@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ops.base import Op, OpConfigError, Resources
+from ops.quality_models import QualityModels
 from ops.registry import op_class
 from ops.compliance import compliance_columns
 from ops.scores import SCORE_NAMES
@@ -89,6 +90,8 @@ class RecipeSpec(_Strict):
     # Attempts per variant when the gate fails (seeded recipes only: a deterministic recipe
     # would produce the same image again, so it fails once with its reasons).
     max_attempts: int = Field(3, ge=1, le=10)
+    # Model-based quality scores (ops/quality_models.py): model references, like an op's.
+    scores: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("gate")
     @classmethod
@@ -121,6 +124,10 @@ class Recipe:
             except OpConfigError as exc:
                 raise RecipeError(f"{source}: ops[{i}]: {exc}") from None
             self.steps.append(Step(step, op))
+        try:
+            self.scorer = QualityModels(spec.scores)
+        except OpConfigError as exc:
+            raise RecipeError(f"{source}: scores: {exc}") from None
         fanning = [s.op.name for s in self.steps if hasattr(s.op, "segment_ids")]
         if len(fanning) > 1:
             raise RecipeError(f"{source}: at most one segment step per recipe, got {fanning}")
@@ -145,7 +152,8 @@ class Recipe:
 
     def model_refs(self) -> list[tuple[Step, str, str]]:
         """(step, config field, reference) for every model the recipe loads."""
-        return [(s, field, ref) for s in self.steps for field, ref in s.op.model_refs().items()]
+        scorer = Step(StepSpec(op=self.scorer.name), self.scorer)
+        return [(s, field, ref) for s in [*self.steps, scorer] for field, ref in s.op.model_refs().items()]
 
     @property
     def uses_seed(self) -> bool:
@@ -159,6 +167,7 @@ class Recipe:
             "ops": [{"op": s.op.key, "config": s.op.config.model_dump(mode="json")} for s in self.steps],
             "gate": {k: v.model_dump() for k, v in sorted(self.spec.gate.items())},
             "max_attempts": self.spec.max_attempts,
+            **({"scores": self.scorer.config.model_dump()} if self.scorer.model_refs() else {}),
         }
 
     def retries(self, attempt: int) -> bool:

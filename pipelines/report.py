@@ -44,6 +44,8 @@ HISTOGRAM_SCORES = (
     ("score_noise_sigma", "noise sigma"),
     ("score_fidelity_ciede2000", "product fidelity, mean CIEDE2000 (lower is better)"),
     ("score_fidelity_ssim", "product fidelity, SSIM"),
+    ("score_brisque", "BRISQUE (lower is better)"),
+    ("score_niqe", "NIQE (lower is better)"),
 )
 SHEET_SCORES = (("score_sharpness", "sharp"), ("score_fidelity_ciede2000", "ΔE"), ("score_colorfulness", "colour"))
 

@@ -469,6 +469,7 @@ class Finish:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.recipes = ctx.recipes()
+        self.store = ModelStore(ctx.model_cache, ctx.storage)
 
     def __call__(self, batch: Batch):
         _init_worker()
@@ -482,7 +483,7 @@ class Finish:
                     out.append(self._finish(r))
                     continue
                 except Exception as exc:  # noqa: BLE001
-                    _fail(r, "write", exc)
+                    _fail(r, getattr(exc, "stage", "write"), exc)
             out.append(self._error_row(r))
         table = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
         if self.ctx.journal and len(table):
@@ -518,6 +519,7 @@ class Finish:
             image = embed_watermark(image, wid) if wid is not None else image
             xmp = Label(run_id=self.ctx.run_id, sku=r["sku"], recipe=recipe.name, variant=int(r["variant"]), watermark_id=wid).xmp()
         scores = quality_scores(image, source=r["source"], mask=r["mask"], affine=affine)
+        scores.update(self._model_scores(recipe, image))
         fmt = recipe.spec.output.pil_format
         data = encode_image(image, fmt, recipe.spec.output.quality, xmp=xmp)
         scores.update(evaluate_compliance(Subject(image=image, mask=r["mask"], fmt=fmt, n_bytes=len(data), ai_generated=generated, ai_labelled=generated)))
@@ -569,6 +571,22 @@ class Finish:
             "run_attempt": self.ctx.attempt,
             "node_ids": json.loads(r["nodes"] or "[]"),
         }
+
+    def _model_scores(self, recipe: Recipe, image: np.ndarray) -> dict[str, float]:
+        """The recipe's model-based scores (BRISQUE, NIQE), models fetched and loaded once per
+        worker; a failure fails the row at stage 'score', naming the model."""
+        scorer = recipe.scorer
+        if not scorer.model_refs():
+            return {}
+        try:
+            with _setup_lock:
+                if not scorer._ready:
+                    scorer.bind_models({field: self.store.fetch(ref) for field, ref in scorer.model_refs().items()})
+                scorer.ensure_setup()
+            return scorer.score(image)
+        except Exception as exc:  # noqa: BLE001
+            exc.stage = "score"
+            raise
 
     def _error_row(self, r: dict) -> dict:
         return {
