@@ -4,7 +4,9 @@ A model reference (in a recipe) is a local path or an `s3://` URI of either
 - a diffusers `save_pretrained` directory (has `model_index.json`), for diffusion ops, or
 - one checkpoint file (`.safetensors`, `.pth`, `.pt`, `.ckpt`, or an OpenCV `.pb` graph),
   for GAN ops, or a NIQE parameter `.mat` file, or
-- a BRISQUE directory (`brisque_model*.yml` + `brisque_range*.yml`) for the quality scores.
+- a BRISQUE directory (`brisque_model*.yml` + `brisque_range*.yml`), or a transformers
+  `save_pretrained` directory (`config.json` naming its architecture: CLIP, a safety checker),
+  for the quality scores.
 
 The pipeline's model store (`pipelines/model_store.py`) turns S3 references into local
 copies; ops only ever see a `LocalModel`. Loading never touches a model hub: diffusers and
@@ -36,8 +38,8 @@ class ModelInfo:
     run can check every model before any GPU time is spent."""
 
     ref: str
-    kind: str  # 'diffusers', 'checkpoint' or 'brisque'
-    class_name: str = ""  # diffusers pipeline class (model_index.json), '' for checkpoints
+    kind: str  # 'diffusers', 'transformers', 'checkpoint' or 'brisque'
+    class_name: str = ""  # diffusers pipeline class (model_index.json) or transformers architecture, '' for checkpoints
     unet_in_channels: int | None = None  # 4 text/img2img, 9 inpainting, 8 instruct-pix2pix
     suffix: str = ""  # checkpoint file suffix, '' for diffusers directories
 
@@ -105,6 +107,14 @@ def describe_files(ref: str, names: list[str], read_small) -> ModelInfo:
     checkpoints = [n for n in names if Path(n).suffix.lower() in CHECKPOINT_SUFFIXES and "/" not in n]
     if len(checkpoints) == 1 and len(names) == 1:
         return ModelInfo(ref=ref, kind="checkpoint", suffix=Path(checkpoints[0]).suffix.lower())
+    if "config.json" in names:
+        try:
+            class_name = str(json.loads(read_small("config.json"))["architectures"][0])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ModelError(f"model {ref!r}: config.json names no architecture ({exc}); re-save it with save_pretrained") from None
+        if not any(n.endswith((".safetensors", ".bin")) for n in names):
+            raise ModelError(f"model {ref!r}: config.json but no weights file; the copy is incomplete")
+        return ModelInfo(ref=ref, kind="transformers", class_name=class_name)
     ymls = [n for n in names if n.endswith((".yml", ".yaml")) and "/" not in n]
     if len(names) == 2 and len(ymls) == 2 and sum("range" in n for n in ymls) == 1:
         return ModelInfo(ref=ref, kind="brisque")

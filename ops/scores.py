@@ -26,6 +26,9 @@ SCORE_NAMES = (
     # Model-based, when the recipe configures them (ops/quality_models.py); null otherwise.
     "score_brisque",
     "score_niqe",
+    "score_clip",
+    "score_aesthetic",
+    "score_unsafe",  # > 0: a safety model flagged the variant; it never passes its gate
 )
 
 # Sharpness is resolution dependent; measure it at one reference size so a 4000 px photo and

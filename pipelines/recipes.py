@@ -172,7 +172,7 @@ class Recipe:
 
     def retries(self, attempt: int) -> bool:
         """Whether a variant that failed the gate at `attempt` is tried again."""
-        return bool(self.spec.gate) and self.uses_seed and attempt < self.spec.max_attempts
+        return self.uses_seed and attempt < self.spec.max_attempts
 
     def gate(self, scores: dict[str, float]) -> list[str]:
         """Reasons the scores fail the gate (empty = passed)."""
@@ -187,6 +187,10 @@ class Recipe:
                 reasons.append(f"{key}={v:.4g} < min {t.min:g}")
             elif t.max is not None and v > t.max:
                 reasons.append(f"{key}={v:.4g} > max {t.max:g}")
+        # Not a threshold anyone may loosen: a variant a safety model flags never passes.
+        unsafe = scores.get("score_unsafe")
+        if unsafe is not None and not math.isnan(unsafe) and unsafe > 0:
+            reasons.append(f"flagged by the safety model (score_unsafe={unsafe:.3g} > 0)")
         return reasons
 
 

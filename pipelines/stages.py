@@ -519,7 +519,7 @@ class Finish:
             image = embed_watermark(image, wid) if wid is not None else image
             xmp = Label(run_id=self.ctx.run_id, sku=r["sku"], recipe=recipe.name, variant=int(r["variant"]), watermark_id=wid).xmp()
         scores = quality_scores(image, source=r["source"], mask=r["mask"], affine=affine)
-        scores.update(self._model_scores(recipe, image))
+        scores.update(self._model_scores(recipe, image, r))
         fmt = recipe.spec.output.pil_format
         data = encode_image(image, fmt, recipe.spec.output.quality, xmp=xmp)
         scores.update(evaluate_compliance(Subject(image=image, mask=r["mask"], fmt=fmt, n_bytes=len(data), ai_generated=generated, ai_labelled=generated)))
@@ -572,9 +572,9 @@ class Finish:
             "node_ids": json.loads(r["nodes"] or "[]"),
         }
 
-    def _model_scores(self, recipe: Recipe, image: np.ndarray) -> dict[str, float]:
-        """The recipe's model-based scores (BRISQUE, NIQE), models fetched and loaded once per
-        worker; a failure fails the row at stage 'score', naming the model."""
+    def _model_scores(self, recipe: Recipe, image: np.ndarray, row: dict) -> dict[str, float]:
+        """The recipe's model-based scores (BRISQUE, NIQE, CLIP, aesthetic, safety), models
+        fetched and loaded once per worker; a failure fails the row at stage 'score'."""
         scorer = recipe.scorer
         if not scorer.model_refs():
             return {}
@@ -583,7 +583,7 @@ class Finish:
                 if not scorer._ready:
                     scorer.bind_models({field: self.store.fetch(ref) for field, ref in scorer.model_refs().items()})
                 scorer.ensure_setup()
-            return scorer.score(image)
+            return scorer.score(image, {k: row.get(k) for k in ("title", "category", "attributes", "segment")})
         except Exception as exc:  # noqa: BLE001
             exc.stage = "score"
             raise

@@ -87,3 +87,56 @@ def save_tiny_lama(path: Path, seed: int = 0) -> Path:
     net = LaMa(in_nc=4, out_nc=3)  # image + mask in, as the published LaMa checkpoints
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return path
+
+
+def _tiny_clip_config(tokenizer):
+    from transformers import CLIPConfig
+
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2, "image_size": 32, "patch_size": 8}
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+
+
+def _tiny_image_processor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def save_tiny_clip(path: Path, seed: int = 0) -> Path:
+    """A transformers CLIPModel directory (model, tokenizer, image processor), as a catalog
+    owner would save a real one."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
+    torch.manual_seed(seed)
+    CLIPModel(_tiny_clip_config(tokenizer)).save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    _tiny_image_processor().save_pretrained(str(path))
+    return path
+
+
+def save_tiny_safety_checker(path: Path, flag_everything: bool, seed: int = 0) -> Path:
+    """diffusers' StableDiffusionSafetyChecker with random weights. Its concept thresholds
+    decide the outcome: -2 flags every image (a cosine similarity is > -2), +2 flags none."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True)
+    torch.manual_seed(seed)
+    checker = StableDiffusionSafetyChecker(_tiny_clip_config(tokenizer))
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+        checker.concept_embeds_weights.fill_(-2.0 if flag_everything else 2.0)
+    checker.save_pretrained(str(path), safe_serialization=True)
+    _tiny_image_processor().save_pretrained(str(path))
+    return path
+
+
+def save_tiny_aesthetic_head(path: Path, dim: int = 16, seed: int = 0) -> Path:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    save_file({"weight": torch.randn(1, dim, generator=g), "bias": torch.randn(1, generator=g)}, str(path))
+    return path

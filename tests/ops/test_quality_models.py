@@ -112,3 +112,87 @@ def test_recipe_scores_reach_the_variants_table_and_gate(ray_session, tmp_path, 
         assert not r["passed"] and r["reasons"][0].startswith("score_niqe=")
     # A recipe without model scores leaves the columns null.
     assert all(r["score_brisque"] is None and r["score_niqe"] is None for r in rows if r["recipe"] == "enhance")
+
+
+# ------------------------------------------------------------------- CLIP, aesthetic, safety
+# Tiny random models (tests/tiny_models.py) for the mechanics: what a score is computed from,
+# and that a flagged variant never reaches images/.
+
+
+@pytest.fixture(scope="module")
+def tiny_scorers(tmp_path_factory):
+    from tests.tiny_models import save_tiny_aesthetic_head, save_tiny_clip, save_tiny_safety_checker
+
+    root = tmp_path_factory.mktemp("scorers")
+    return {
+        "clip": save_tiny_clip(root / "clip"),
+        "aesthetic": save_tiny_aesthetic_head(root / "aesthetic.safetensors"),
+        "flag_all": save_tiny_safety_checker(root / "flag-all", flag_everything=True),
+        "flag_none": save_tiny_safety_checker(root / "flag-none", flag_everything=False),
+    }
+
+
+def test_clip_and_aesthetic_scores_are_what_the_models_compute(tiny_scorers):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    image = (np.random.default_rng(1).random((120, 90, 3)) * 255).astype(np.uint8)
+    scorer = QualityModels({"clip": str(tiny_scorers["clip"]), "aesthetic": str(tiny_scorers["aesthetic"]), "clip_prompt": "{title}, {attributes.color}"})
+    got = scorer.score(image, {"title": "Trail shoe", "attributes": {"color": "red"}})
+    other = scorer.score(image, {"title": "Glass bottle", "attributes": {"color": "green"}})
+
+    # Reference: the same models called directly, on the rendered prompt.
+    path = str(tiny_scorers["clip"])
+    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+    with torch.inference_mode():
+        img = model.get_image_features(**CLIPImageProcessor.from_pretrained(path)(images=[image], return_tensors="pt"))
+        txt = model.get_text_features(**CLIPTokenizer.from_pretrained(path)(["Trail shoe, red"], return_tensors="pt"))
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    head = load_file(str(tiny_scorers["aesthetic"]))
+    assert got["score_clip"] == pytest.approx(float((img * txt).sum()), abs=1e-5)
+    assert got["score_aesthetic"] == pytest.approx(float(img @ head["weight"].T + head["bias"]), abs=1e-5)
+    assert -1 <= got["score_clip"] <= 1 and got["score_clip"] != pytest.approx(other["score_clip"], abs=1e-6)
+    assert got["score_aesthetic"] == pytest.approx(other["score_aesthetic"])  # the image's, not the prompt's
+
+
+def test_scorer_config_and_model_kinds_are_checked(tiny_scorers, tmp_path):
+    from ops.base import OpConfigError
+
+    with pytest.raises(OpConfigError, match="set scores.clip too"):
+        QualityModels({"aesthetic": str(tiny_scorers["aesthetic"])})
+    with pytest.raises(OpConfigError, match="unknown field"):
+        QualityModels({"clip": str(tiny_scorers["clip"]), "clip_prompt": "{price}"})
+    scorer = QualityModels({"safety": str(tiny_scorers["clip"])})  # a CLIP model is not a safety checker
+    with pytest.raises(ModelError, match="scores.safety.*not a diffusers StableDiffusionSafetyChecker"):
+        scorer.check_model("safety", describe_local(str(tiny_scorers["clip"])))
+
+
+def test_flagged_variants_never_reach_images(ray_session, tmp_path, tiny_scorers, s3_endpoint, bucket):
+    from tests.conftest import upload
+
+    manifest = write_sample_catalog(tmp_path / "cat", 2)
+    models = {k: upload(s3_endpoint, bucket, f"models/{Path(p).name}", p) for k, p in tiny_scorers.items()}
+    recipes = []
+    for name, safety in (("flagged", models["flag_all"]), ("clean", models["flag_none"])):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(json.dumps({"name": name, "ops": [{"op": "sharpen"}],
+                                 "scores": {"clip": models["clip"], "aesthetic": models["aesthetic"], "safety": safety}}))  # fmt: skip
+        recipes.append(str(p))
+    out = tmp_path / "out"
+    s = run_catalog(RunConfig(manifest=str(manifest), recipes=tuple(recipes), output=str(out), run_id="s1", model_cache=str(tmp_path / "cache"),
+                              s3_endpoint=s3_endpoint))  # fmt: skip
+    rows = pq.read_table(out / "s1" / "variants").to_pylist()
+    flagged = [r for r in rows if r["recipe"] == "flagged"]
+    clean = [r for r in rows if r["recipe"] == "clean"]
+    assert len(flagged) == len(clean) == 2
+    for r in flagged:  # no gate configured, and still rejected: the safety rule is not optional
+        assert r["score_unsafe"] > 0 and not r["passed"] and "flagged by the safety model" in r["reasons"][0]
+        assert "/s1/rejected/" in r["output_uri"]
+    for r in clean:
+        assert r["score_unsafe"] < 0 and r["passed"] and "/s1/images/" in r["output_uri"]
+        assert -1 <= r["score_clip"] <= 1 and math.isfinite(r["score_aesthetic"])
+    published = [p.relative_to(out / "s1" / "images").parts[0] for p in (out / "s1" / "images").rglob("*") if p.is_file()]
+    assert len(published) == 2 and all(top.startswith("clean") for top in published), published
+    assert s.rejected == 2 and s.passed == 2
