@@ -24,6 +24,7 @@ import json
 import logging
 import math
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -292,18 +293,23 @@ def _sheets_section(data: RunData, storage: StorageConfig, max_skus: int, thumb_
 
     skus = sorted(set(by_sku) | set(err_skus), key=rank)
     shown = skus[:max_skus]
+    sources = {sku: by_sku[sku][0]["source_uri"] if by_sku.get(sku) else next((r["source_uri"] for r in data.errors if r["sku"] == sku), None) for sku in shown}
+    # Thumbnails are many small reads (S3 GETs): fetch them concurrently.
+    uris = {u for u in sources.values() if u} | {r["output_uri"] for sku in shown for r in by_sku.get(sku, []) if r.get("output_uri")}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        thumbs = dict(zip(uris, pool.map(lambda u: thumbnail(u, storage, thumb_px), uris)))
     cards = []
     for sku in shown:
         rows = sorted(by_sku.get(sku, []), key=lambda r: (r["recipe"], r["variant"], r.get("attempt") or 1))
-        src_uri = rows[0]["source_uri"] if rows else next((r["source_uri"] for r in data.errors if r["sku"] == sku), None)
-        tiles = [f"<div class='tile src'>{_img(thumbnail(src_uri, storage, thumb_px) if src_uri else '', 'source')}<div class='cap'>source</div></div>"]
+        src_uri = sources[sku]
+        tiles = [f"<div class='tile src'>{_img(thumbs.get(src_uri, '') if src_uri else '', 'source')}<div class='cap'>source</div></div>"]
         for r in rows:
             scores = " · ".join(f"{short} {_fmt(r.get(col))}" for col, short in SHEET_SCORES if r.get(col) is not None and math.isfinite(r.get(col)))
             why = "; ".join(r.get("reasons") or [])
             status = "pass" if r["passed"] else "fail"
             tiles.append(
                 f"<div class='tile {status}' data-recipe='{html.escape(r['recipe'])}' data-variant='{r['variant']}' data-attempt='{r.get('attempt') or 1}' data-passed='{str(bool(r['passed'])).lower()}'>"
-                f"{_img(thumbnail(r['output_uri'], storage, thumb_px), r['recipe'])}"
+                f"{_img(thumbs.get(r['output_uri'], ''), r['recipe'])}"
                 f"<div class='cap'><b>{html.escape(r['recipe'])}</b> v{r['variant']}{' a' + str(r.get('attempt')) if (r.get('attempt') or 1) > 1 else ''} "
                 f"<span class='badge'>{status}</span><br>{html.escape(scores)}{'<br><span class=why>' + html.escape(why) + '</span>' if why else ''}</div></div>"
             )
