@@ -85,7 +85,7 @@ def test_variant_rows_follow_the_contract(s3_run):
                 "score_fidelity_ssim", "score_fidelity_ciede2000", "phash"}  # fmt: skip
     for row in s3_run["variants"]:
         assert required <= set(row)
-        assert row["run_id"] == "t1" and row["output_uri"].startswith("s3://out/runs/t1/images/")
+        assert row["run_id"] == "t1" and row["output_uri"].startswith(f"s3://out/runs/t1/{'images' if row['passed'] else 'rejected'}/")
         assert ".." not in row["output_uri"]
         assert all("@" in op for op in row["ops"]) and row["duration_s"] > 0
         assert len(row["source_sha256"]) == 64

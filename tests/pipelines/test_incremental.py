@@ -68,12 +68,18 @@ def nightly(ray_session, s3_endpoint, tmp_path_factory):
                             run_id=run_id, s3_endpoint=proxy.url, **kw)  # fmt: skip
             summary = run_catalog(cfg)
             requests = proxy.log[start:]
+            # What the run itself read, up to its commit; report.html (written after the
+            # commit) then reads the thumbnails of its contact sheets, sources included.
+            commit = next((i for i, r in enumerate(requests) if r.method == "PUT" and r.path.endswith(f"/{run_id}/_run.json")), len(requests))
+            report_reads = sum(1 for r in requests[commit:] if r.method == "GET" and "/inc-cat/img/" in r.path)
+            requests = requests[:commit]
             return {
                 "summary": summary,
                 "variants": _table(f"s3://inc-out/nightly/{run_id}/variants", s3_endpoint),
                 "source_gets": sum(1 for r in requests if r.method == "GET" and "/inc-cat/img/" in r.path),
                 "source_heads": sum(1 for r in requests if r.method == "HEAD" and "/inc-cat/img/" in r.path),
-                "images_written": sum(1 for r in requests if r.method == "PUT" and f"/{run_id}/images/" in r.path),
+                "report_source_reads": report_reads,
+                "images_written": sum(1 for r in requests if r.method == "PUT" and (f"/{run_id}/images/" in r.path or f"/{run_id}/rejected/" in r.path)),
             }
 
         out["d1"] = run("d1")
@@ -105,11 +111,12 @@ def test_unchanged_catalog_regenerates_nothing_and_reads_no_image(nightly):
     assert d2["images_written"] == 0
     # ETag pre-check: each source HEADed once, none read.
     assert d2["source_gets"] == 0 and d2["source_heads"] == N
+    assert d2["report_source_reads"] == N  # the report's contact sheets show each source once
     first = {(r["sku"], r["recipe"], r["variant"]): r for r in d1["variants"]}
     for r in d2["variants"]:
         prev = first[(r["sku"], r["recipe"], r["variant"])]
         assert r["run_id"] == "d2" and r["reused_from"] == "d1"
-        assert r["output_uri"] == prev["output_uri"] and r["output_uri"].startswith("s3://inc-out/nightly/d1/images/")
+        assert r["output_uri"] == prev["output_uri"] and r["output_uri"].startswith(f"s3://inc-out/nightly/d1/{'images' if r['passed'] else 'rejected'}/")
         assert r["state_key"] == prev["state_key"] and r["score_sharpness"] == prev["score_sharpness"]
 
 
