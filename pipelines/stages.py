@@ -80,6 +80,7 @@ class RunContext:
 
 
 _worker_ready = False
+_scorers: dict[str, Any] = {}  # loaded model scorers of this worker process, by recipe fingerprint
 # GPU actors run two batches at a time (see plan.py); model fetch and setup happen once.
 _setup_lock = threading.Lock()
 
@@ -575,11 +576,14 @@ class Finish:
     def _model_scores(self, recipe: Recipe, image: np.ndarray, row: dict) -> dict[str, float]:
         """The recipe's model-based scores (BRISQUE, NIQE, CLIP, aesthetic, safety), models
         fetched and loaded once per worker; a failure fails the row at stage 'score'."""
-        scorer = recipe.scorer
-        if not scorer.model_refs():
+        if not recipe.scorer.model_refs():
             return {}
         try:
             with _setup_lock:
+                # Finish runs as plain tasks, each with a fresh copy of this object: keep the
+                # loaded scorer per worker process, so models load once per worker, not per batch.
+                key = self.ctx.fingerprint(recipe.name)  # covers the scorer's config and its models' identities
+                scorer = _scorers.setdefault(key, recipe.scorer)
                 if not scorer._ready:
                     scorer.bind_models({field: self.store.fetch(ref) for field, ref in scorer.model_refs().items()})
                 scorer.ensure_setup()
