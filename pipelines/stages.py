@@ -80,7 +80,16 @@ class RunContext:
 
 
 _worker_ready = False
-_scorers: dict[str, Any] = {}  # loaded model scorers of this worker process, by recipe fingerprint
+_instances: dict[str, Any] = {}  # set-up ops and scorers of this worker process
+
+
+def worker_instance(key: str, op):
+    """The worker process's copy of an op (or scorer), so models load once per worker. CPU
+    stages run as plain Ray tasks, each handed a fresh copy of its stage object; without this
+    an op with a model would load it for every batch. `key` is the recipe fingerprint (config
+    and model identities) plus the step, so a changed recipe or model never reuses a copy."""
+    with _setup_lock:
+        return _instances.setdefault(key, op)
 # GPU actors run two batches at a time (see plan.py); model fetch and setup happen once.
 _setup_lock = threading.Lock()
 
@@ -369,6 +378,7 @@ class RunSteps:
     def __init__(self, ctx: RunContext, label: str):
         self.label = label
         self.recipes = ctx.recipes()
+        self.fingerprints = dict(ctx.recipe_fingerprints)
         self.store = ModelStore(ctx.model_cache, ctx.storage)
         # step_label hashes an op's config: compute it once here, not per row per pass.
         self.runs_here = {name: [step_label(r, i) == label for i in range(len(r.steps))] for name, r in self.recipes.items()}
@@ -397,7 +407,7 @@ class RunSteps:
         return _columns(rows, WORK_KEYS)
 
     def _run_step(self, recipe: Recipe, k: int, rows: list[dict]) -> None:
-        op = recipe.steps[k].op
+        op = worker_instance(f"{self.fingerprints.get(recipe.name, recipe.hash)}:{k}", recipe.steps[k].op)
         stage = f"op:{op.name}"
         try:
             with _setup_lock:
@@ -578,12 +588,9 @@ class Finish:
         fetched and loaded once per worker; a failure fails the row at stage 'score'."""
         if not recipe.scorer.model_refs():
             return {}
+        scorer = worker_instance(f"{self.ctx.fingerprint(recipe.name)}:scores", recipe.scorer)
         try:
             with _setup_lock:
-                # Finish runs as plain tasks, each with a fresh copy of this object: keep the
-                # loaded scorer per worker process, so models load once per worker, not per batch.
-                key = self.ctx.fingerprint(recipe.name)  # covers the scorer's config and its models' identities
-                scorer = _scorers.setdefault(key, recipe.scorer)
                 if not scorer._ready:
                     scorer.bind_models({field: self.store.fetch(ref) for field, ref in scorer.model_refs().items()})
                 scorer.ensure_setup()
