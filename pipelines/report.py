@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image
 
@@ -53,9 +54,16 @@ SHEET_SCORES = (("score_sharpness", "sharp"), ("score_fidelity_ciede2000", "ΔE"
 
 @dataclasses.dataclass
 class RunData:
+    """A committed run: its record, its variants as an Arrow table (every attempt) with the
+    final attempts beside it, and its error rows. Aggregates run in Arrow, so a run with a
+    million variants never becomes a million Python dicts; only the contact sheets' rows do."""
+
     record: dict
-    variants: list[dict]
+    variants: pa.Table
     errors: list[dict]
+
+    def __post_init__(self):
+        self.final = self.variants.filter(final_mask(self.variants)) if len(self.variants) else self.variants
 
 
 def load_run(run_prefix: str, storage: StorageConfig) -> RunData:
@@ -64,16 +72,18 @@ def load_run(run_prefix: str, storage: StorageConfig) -> RunData:
     if not exists(record_uri, storage):
         raise ValueError(f"{run_prefix} holds no committed run ({RUN_RECORD} missing); pass OUT/RUN_ID of a finished run")
     record = json.loads(read_bytes(record_uri, storage))
-    return RunData(record, _table(join(run_prefix, "variants"), VARIANT_SCHEMA, storage), _table(join(run_prefix, "errors"), ERROR_SCHEMA, storage))
+    return RunData(record, _table(join(run_prefix, "variants"), VARIANT_SCHEMA, storage), _table(join(run_prefix, "errors"), ERROR_SCHEMA, storage).to_pylist())
 
 
-def _table(prefix: str, schema: pa.Schema, storage: StorageConfig) -> list[dict]:
+def _table(prefix: str, schema: pa.Schema, storage: StorageConfig) -> pa.Table:
+    """The table under a prefix with today's columns (missing ones null), or an empty one."""
     files = [u for u in list_objects(prefix, storage) if u.endswith(".parquet")]
     if not files:
-        return []
+        return schema.empty_table()
     fs, _ = arrow_filesystem(files[0], storage)
     table = pads.dataset([arrow_filesystem(u, storage)[1] for u in files], filesystem=fs, format="parquet").to_table()
-    return table.select([n for n in schema.names if n in table.column_names]).to_pylist()
+    cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def write_report(run_prefix: str, storage: StorageConfig, max_skus: int = 60, thumb_px: int = 144) -> str:
@@ -88,41 +98,52 @@ def write_report(run_prefix: str, storage: StorageConfig, max_skus: int = 60, th
 # ------------------------------------------------------------------------------ figures
 
 
-def final_rows(variants: list[dict]) -> list[dict]:
-    """Each variant's last gate attempt (what the storefront got, or why not)."""
-    last: dict[tuple, dict] = {}
-    for r in variants:
-        key = (r["sku"], r["recipe"], r["variant"])
-        if key not in last or (r.get("attempt") or 1) > (last[key].get("attempt") or 1):
-            last[key] = r
-    return list(last.values())
+def final_mask(variants: pa.Table) -> pa.Array:
+    """True for each variant's last gate attempt (what the storefront got, or why not): a row
+    is superseded when the same (sku, recipe, variant) has the next attempt."""
+    attempt = pc.fill_null(variants["attempt"], 1)
+    later = pc.greater(attempt, 1)
+
+    def key(t: pa.Table, att) -> pa.Array:
+        return pc.binary_join_element_wise(t["sku"], t["recipe"], pc.cast(t["variant"], pa.string()), pc.cast(att, pa.string()), "\x00")
+
+    retries = variants.filter(later)
+    if not len(retries):
+        return pa.array(np.ones(len(variants), bool))
+    superseded = key(retries, pc.subtract(pc.fill_null(retries["attempt"], 1), 1))
+    return pc.invert(pc.fill_null(pc.is_in(key(variants, attempt), value_set=superseded), False))
+
+
+def _count(mask) -> int:
+    return int(pc.sum(pc.fill_null(mask, False)).as_py() or 0)
 
 
 def key_figures(data: RunData) -> dict[str, float | int | None]:
-    final = final_rows(data.variants)
-    generated = [r for r in data.variants if not r.get("reused_from")]
+    v, final = data.variants, data.final
+    generated = pc.is_null(v["reused_from"])
+    n_generated = _count(generated)
     counts = data.record.get("counts", {})
     execute_s = float(data.record.get("timings", {}).get("execute_s") or 0.0)
     gpus = float(data.record.get("resources", {}).get("cluster_gpus") or 0.0)
-    passed = sum(1 for r in final if r["passed"])
-    worker_s = [float(r["duration_s"]) for r in generated if r.get("duration_s") is not None]
+    passed = _count(final["passed"])
+    worker_s = pc.mean(v.filter(generated)["duration_s"]).as_py() if n_generated else None
     return {
         "inputs": counts.get("inputs"),
         "variants": len(final),
         "passed": passed,
         "rejected": len(final) - passed,
-        "pass_rate": passed / len(final) if final else None,
+        "pass_rate": passed / len(final) if len(final) else None,
         "errors": len(data.errors),
-        "retries": len(data.variants) - len(final),
-        "generated": len(generated),
-        "reused": len(data.variants) - len(generated),
+        "retries": len(v) - len(final),
+        "generated": n_generated,
+        "reused": len(v) - n_generated,
         "execute_s": execute_s,
         # Throughput counts every image this run made (retries included) over the execution wall time.
-        "throughput": len(generated) / execute_s if execute_s > 0 and generated else None,
+        "throughput": n_generated / execute_s if execute_s > 0 and n_generated else None,
         # Summed per-row op time: what a variant cost in worker time, wherever it ran.
-        "worker_s_per_variant": sum(worker_s) / len(worker_s) if worker_s else None,
+        "worker_s_per_variant": worker_s,
         # GPUs held for the execution, shared over the images made: an upper bound on GPU time.
-        "gpu_s_per_variant": execute_s * gpus / len(generated) if gpus and generated else None,
+        "gpu_s_per_variant": execute_s * gpus / n_generated if gpus and n_generated else None,
     }
 
 
@@ -172,15 +193,15 @@ def render(data: RunData, storage: StorageConfig, max_skus: int = 60, thumb_px: 
 
 
 def _recipes_section(data: RunData) -> str:
-    final = final_rows(data.variants)
+    v, final = data.variants, data.final
     rows = []
-    recipes = sorted({r["recipe"] for r in data.variants} | set(data.record.get("recipes", {})))
+    recipes = sorted(set(v["recipe"].to_pylist()) | set(data.record.get("recipes", {})))
     for name in recipes:
-        fin = [r for r in final if r["recipe"] == name]
-        passed = sum(1 for r in fin if r["passed"])
-        attempts = sum(1 for r in data.variants if r["recipe"] == name)
+        fin = final.filter(pc.equal(final["recipe"], name))
+        passed = _count(fin["passed"])
+        attempts = _count(pc.equal(v["recipe"], name))
         errs = sum(1 for r in data.errors if r["recipe"] == name)
-        rate = passed / len(fin) if fin else None
+        rate = passed / len(fin) if len(fin) else None
         rows.append(
             f"<tr data-recipe='{html.escape(name)}'><td>{html.escape(name)}</td><td class='n' data-col='variants'>{len(fin)}</td>"
             f"<td class='n' data-col='passed'>{passed}</td><td class='n' data-col='pass-rate'>{_fmt(rate, 'pct')}</td>"
@@ -192,7 +213,8 @@ def _recipes_section(data: RunData) -> str:
 
 def histogram_svg(values: list[float], bins: int = 20, width: int = 320, height: int = 110) -> str:
     """A small bar histogram as inline SVG, with the range printed under it."""
-    vals = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    vals = np.asarray(values, np.float64)
+    vals = vals[np.isfinite(vals)]
     if not len(vals):
         return "<p class='muted'>no values</p>"
     lo, hi = float(vals.min()), float(vals.max())
@@ -208,38 +230,34 @@ def histogram_svg(values: list[float], bins: int = 20, width: int = 320, height:
 
 
 def _histograms_section(data: RunData) -> str:
-    final = final_rows(data.variants)
     cells = []
     for col, label in HISTOGRAM_SCORES:
-        values = [r.get(col) for r in final]
-        if not any(v is not None and math.isfinite(v) for v in values):
+        values = pc.fill_null(data.final[col], math.nan).to_numpy(zero_copy_only=False)
+        if not np.isfinite(values).any():
             continue
         cells.append(f"<figure data-score='{col}'>{histogram_svg(values)}<figcaption>{html.escape(label)}</figcaption></figure>")
     return "<h2>Scores</h2><div class='hists'>" + ("".join(cells) or "<p class='muted'>no scores</p>") + "</div>"
 
 
 def _compliance_section(data: RunData) -> str:
-    final = final_rows(data.variants)
-    recipes = sorted({r["recipe"] for r in final})
+    final = data.final
+    recipes = sorted(set(final["recipe"].to_pylist()))
     chans = channels()
     head = "".join(f"<th>{html.escape(c)}</th>" for c in chans)
     rows = []
     for name in recipes:
-        fin = [r for r in final if r["recipe"] == name]
+        fin = final.filter(pc.equal(final["recipe"], name))
         cells = []
         for ch in chans:
-            ok = sum(1 for r in fin if r.get(f"compliance_{ch}"))
+            ok = _count(fin[f"compliance_{ch}"])
             cells.append(f"<td class='n' data-channel='{ch}' data-pass='{ok}' data-total='{len(fin)}'>{ok}/{len(fin)}</td>")
         rows.append(f"<tr data-recipe='{html.escape(name)}'><td>{html.escape(name)}</td>{''.join(cells)}</tr>")
-    failed = Counter()
     required = {(ch, rule.name): rule.required for ch, spec in chans.items() for rule in spec.rules}
-    for r in final:
-        for ch, rule in required:
-            if r.get(f"compliance_{ch}_{rule}") is False:
-                failed[(ch, rule)] += 1
+    failed = Counter({(ch, rule): _count(pc.equal(final[f"compliance_{ch}_{rule}"], False)) for ch, rule in required})
     top = "".join(
         f"<li data-rule='{ch}_{rule}'>{html.escape(ch)} · {html.escape(rule)}{'' if required[(ch, rule)] else ' (recommended)'}: <b>{n}</b></li>"
         for (ch, rule), n in failed.most_common(12)
+        if n
     )
     return (f"<h2>Marketplace compliance</h2><table id='compliance'><tr><th>recipe</th>{head}</tr>{''.join(rows)}</table>"
             f"<h3>Most failed rules</h3><ul id='failed-rules'>{top or '<li>none</li>'}</ul>")  # fmt: skip
@@ -282,17 +300,14 @@ def _img(src: str, alt: str) -> str:
 
 
 def _sheets_section(data: RunData, storage: StorageConfig, max_skus: int, thumb_px: int) -> str:
-    by_sku: dict[str, list[dict]] = defaultdict(list)
-    for r in data.variants:
-        by_sku[r["sku"]].append(r)
     err_skus = Counter(r["sku"] for r in data.errors if r.get("sku"))
+    rejected = Counter(data.final.filter(pc.invert(pc.fill_null(data.final["passed"], False)))["sku"].to_pylist())
     # SKUs needing attention first: errors, then rejected variants; then the rest by name.
-    def rank(sku: str):
-        fin = final_rows(by_sku.get(sku, []))
-        return (-(err_skus[sku] > 0), -sum(1 for r in fin if not r["passed"]), sku)
-
-    skus = sorted(set(by_sku) | set(err_skus), key=rank)
+    skus = sorted(set(pc.unique(data.variants["sku"]).to_pylist()) | set(err_skus), key=lambda s: (-(err_skus[s] > 0), -rejected[s], s))
     shown = skus[:max_skus]
+    by_sku: dict[str, list[dict]] = defaultdict(list)
+    for r in data.variants.filter(pc.is_in(data.variants["sku"], value_set=pa.array(shown, pa.string()))).to_pylist():
+        by_sku[r["sku"]].append(r)
     sources = {sku: by_sku[sku][0]["source_uri"] if by_sku.get(sku) else next((r["source_uri"] for r in data.errors if r["sku"] == sku), None) for sku in shown}
     # Thumbnails are many small reads (S3 GETs): fetch them concurrently.
     uris = {u for u in sources.values() if u} | {r["output_uri"] for sku in shown for r in by_sku.get(sku, []) if r.get("output_uri")}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.report import final_rows, key_figures, load_run, write_report
+from pipelines.report import final_mask, key_figures, load_run, write_report
 from pipelines.run import RunConfig, run_catalog
 from pipelines.sample_catalog import write_sample_catalog
 from pipelines.storage import StorageConfig
@@ -79,7 +79,7 @@ def test_run_writes_report_with_the_run_figures(finished_run):
     k = key_figures(data)
     assert (k["variants"], k["passed"], k["rejected"], k["errors"]) == (summary.variants, summary.passed, summary.rejected, summary.errors)
     assert (k["variants"], k["rejected"], k["errors"]) == (8, 4, 1)  # 4 products x 2 recipes; strict rejects its 4
-    assert k["passed"] == sum(1 for r in final_rows(data.variants) if r["recipe"] == "marketplace-main" and r["passed"])
+    assert k["passed"] == sum(1 for r in data.final.to_pylist() if r["recipe"] == "marketplace-main" and r["passed"])
     assert k["throughput"] and k["throughput"] > 0 and k["worker_s_per_variant"] > 0
     variants = pq.read_table(run_dir / "variants").to_pylist()
     assert all(("/rejected/" in r["output_uri"]) != r["passed"] for r in variants)
@@ -138,3 +138,15 @@ def test_report_opens_in_chromium_with_the_right_numbers(finished_run, tmp_path)
     assert shot.is_file(), done.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("L"), np.float64)
     assert pixels.shape == (1800, 1280) and pixels.std() > 10
+
+
+def test_final_mask_keeps_each_variants_last_attempt():
+    import pyarrow as pa
+
+    t = pa.table({
+        "sku": ["a", "a", "a", "b", "b", "c"],
+        "recipe": ["r", "r", "r", "r", "q", "r"],
+        "variant": pa.array([0, 0, 0, 0, 0, 1], pa.int32()),
+        "attempt": pa.array([1, 2, 3, 1, 1, None], pa.int32()),  # null: rows from before attempts existed
+    })  # fmt: skip
+    assert final_mask(t).to_pylist() == [False, False, True, True, True, True]
