@@ -300,15 +300,18 @@ def _img(src: str, alt: str) -> str:
 
 
 def _sheets_section(data: RunData, storage: StorageConfig, max_skus: int, thumb_px: int) -> str:
-    err_skus = Counter(r["sku"] for r in data.errors if r.get("sku"))
+    errors_of: dict[str, list[dict]] = defaultdict(list)  # one pass over the error rows, not one per SKU shown
+    for r in data.errors:
+        if r.get("sku"):
+            errors_of[r["sku"]].append(r)
     rejected = Counter(data.final.filter(pc.invert(pc.fill_null(data.final["passed"], False)))["sku"].to_pylist())
     # SKUs needing attention first: errors, then rejected variants; then the rest by name.
-    skus = sorted(set(pc.unique(data.variants["sku"]).to_pylist()) | set(err_skus), key=lambda s: (-(err_skus[s] > 0), -rejected[s], s))
+    skus = sorted(set(pc.unique(data.variants["sku"]).to_pylist()) | set(errors_of), key=lambda s: (-(s in errors_of), -rejected[s], s))
     shown = skus[:max_skus]
     by_sku: dict[str, list[dict]] = defaultdict(list)
     for r in data.variants.filter(pc.is_in(data.variants["sku"], value_set=pa.array(shown, pa.string()))).to_pylist():
         by_sku[r["sku"]].append(r)
-    sources = {sku: by_sku[sku][0]["source_uri"] if by_sku.get(sku) else next((r["source_uri"] for r in data.errors if r["sku"] == sku), None) for sku in shown}
+    sources = {sku: (by_sku.get(sku) or errors_of.get(sku) or [{}])[0].get("source_uri") for sku in shown}
     # Thumbnails are many small reads (S3 GETs): fetch them concurrently.
     uris = {u for u in sources.values() if u} | {r["output_uri"] for sku in shown for r in by_sku.get(sku, []) if r.get("output_uri")}
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -328,7 +331,7 @@ def _sheets_section(data: RunData, storage: StorageConfig, max_skus: int, thumb_
                 f"<div class='cap'><b>{html.escape(r['recipe'])}</b> v{r['variant']}{' a' + str(r.get('attempt')) if (r.get('attempt') or 1) > 1 else ''} "
                 f"<span class='badge'>{status}</span><br>{html.escape(scores)}{'<br><span class=why>' + html.escape(why) + '</span>' if why else ''}</div></div>"
             )
-        for er in (r for r in data.errors if r["sku"] == sku):
+        for er in errors_of.get(sku, []):
             tiles.append(f"<div class='tile err'><div class='cap'><b>error</b> {html.escape(er.get('stage') or '')}: {html.escape((er.get('message') or '')[:160])}</div></div>")
         cards.append(f"<div class='sku' data-sku='{html.escape(sku)}'><h3>{html.escape(sku)}</h3><div class='tiles'>{''.join(tiles)}</div></div>")
     more = f"<p class='muted' id='sheets-more'>{len(skus) - len(shown)} more SKUs not shown (see variants/*.parquet).</p>" if len(skus) > len(shown) else ""
