@@ -140,6 +140,10 @@ ops:
 def test_pool_actor_killed_mid_run_is_restarted_and_rows_redone(ray_session, tmp_path):
     from ray.util.state import list_actors
 
+    # This session's Ray by address: without one, the state API refuses when the machine runs
+    # another Ray instance (another test run, a developer's cluster).
+    address = ray_session.get_runtime_context().gcs_address
+
     n = 24
     manifest = _write_catalog(tmp_path / "cat", n, size=(640, 640), seed0=900)
     recipe = tmp_path / "pooled.yaml"
@@ -154,7 +158,7 @@ def test_pool_actor_killed_mid_run_is_restarted_and_rows_redone(ray_session, tmp
         while time.monotonic() < deadline and not killed:
             if _journal_files(run_dir):
                 try:
-                    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, detail=True, timeout=20)
+                    actors = list_actors(address, filters=[("state", "=", "ALIVE")], limit=10_000, detail=True, timeout=20)
                 except Exception as exc:  # noqa: BLE001 - the state API can time out on a loaded machine: ask again
                     seen.append(f"state API: {exc!r}"[:200])
                     continue
@@ -174,7 +178,7 @@ def test_pool_actor_killed_mid_run_is_restarted_and_rows_redone(ray_session, tmp
     assert summary.errors == 0 and summary.generated == n
     variants = _local_table(run_dir / "variants")
     _assert_exactly_once(variants, n, {"pooled": 1})
-    restarted = [a for a in list_actors(limit=10_000, detail=True) if "MapWorker" in a.class_name and a.pid != killed[0] and (a.num_restarts or 0) >= 1]
+    restarted = [a for a in list_actors(address, limit=10_000, detail=True) if "MapWorker" in a.class_name and a.pid != killed[0] and (a.num_restarts or 0) >= 1]
     assert restarted, "Ray did not restart the killed actor"
 
 
