@@ -19,7 +19,9 @@ BRISQUE and NIQE are "lower is better" and resolution dependent, so both are mea
 image resized to a reference long side (`REFERENCE_SIDE`), like the sharpness score. Models
 come through the same store and checks as generative models (`model_fields`), so a missing or
 broken file fails the run before any work, naming the reference. All run on the CPU worker
-that finishes the row, in fp32.
+that finishes the row, in fp32, unless the recipe gives `scores:` GPUs (or a pool): then they
+run batched on an actor pool, CLIP and the safety checker on CUDA in fp16 where the worker has a
+GPU (`score_batch`).
 """
 
 from __future__ import annotations
@@ -110,11 +112,17 @@ class QualityModels(Op):
         from ops.models import offline_hub
 
         offline_hub()
+        from ops.torch_runtime import Runtime, pick_runtime
+
         self.torch = torch
+        # CPU placement means CPU, even on a node with a GPU another actor owns; on a GPU
+        # worker, fp16 (scores are cosines and margins: bf16's 8-bit mantissa is too coarse).
+        rt = pick_runtime("auto" if self.resources.uses_gpu else "cpu", "fp32", cpu_threads=self.resources.cpus)
+        self.runtime = Runtime(rt.device, torch.float16) if rt.on_gpu else rt
         try:
             if "clip" in self.models:
                 path = str(self.models["clip"].path)
-                self.clip = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+                self.clip = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(self.runtime.device, self.runtime.dtype)
                 self.clip_tokenizer = CLIPTokenizer.from_pretrained(path, local_files_only=True)
                 self.clip_images = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
             if "aesthetic" in self.models:
@@ -124,12 +132,12 @@ class QualityModels(Op):
                 dim = self.clip.config.projection_dim
                 if head.get("weight") is None or tuple(head["weight"].shape) != (1, dim) or tuple(head.get("bias", torch.zeros(0)).shape) != (1,):
                     raise ModelError(f"scores.aesthetic: {self.models['aesthetic'].ref!r} needs weight [1, {dim}] and bias [1] for this CLIP; got { {k: tuple(v.shape) for k, v in head.items()} }")
-                self.aesthetic = (head["weight"].float(), head["bias"].float())
+                self.aesthetic = (head["weight"].float().to(self.runtime.device), head["bias"].float().to(self.runtime.device))
             if "safety" in self.models:
                 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
                 path = str(self.models["safety"].path)
-                self.safety = StableDiffusionSafetyChecker.from_pretrained(path, local_files_only=True).eval()
+                self.safety = StableDiffusionSafetyChecker.from_pretrained(path, local_files_only=True).eval().to(self.runtime.device, self.runtime.dtype)
                 self.safety_images = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
         except ModelError:
             raise
@@ -139,45 +147,52 @@ class QualityModels(Op):
     def score(self, image: np.ndarray, context: dict | None = None) -> dict[str, float]:
         """{score name: value} for the configured models (RGB uint8 in; `context` is the row's
         title / category / attributes for the CLIP prompt)."""
+        return self.score_batch([image], [context or {}])[0]
+
+    def score_batch(self, images: list[np.ndarray], contexts: list[dict]) -> list[dict[str, float]]:
+        """`score` for several images (any sizes): one CLIP / safety forward for the batch."""
         self.ensure_setup()
-        out = {}
+        out: list[dict[str, float]] = [{} for _ in images]
         if self.clip is not None or self.safety is not None:
-            out.update(self._clip_scores(image, context or {}))
-        if not (self.brisque is not None or self.niqe_mu is not None):
+            for o, clip in zip(out, self._clip_scores(images, contexts)):
+                o.update(clip)
+        if self.brisque is None and self.niqe_mu is None:
             return out
-        grey = _reference_grey(image)
-        if self.brisque is not None:
-            out["score_brisque"] = float(self.brisque.compute(grey)[0])
-        if self.niqe_mu is not None:
-            try:
-                out["score_niqe"] = niqe(grey, self.niqe_mu, self.niqe_cov)
-            except ValueError:  # too small for NIQE's patches (e.g. a thin banner): no score, not an error
-                out["score_niqe"] = float("nan")
+        for o, image in zip(out, images):
+            grey = _reference_grey(image)
+            if self.brisque is not None:
+                o["score_brisque"] = float(self.brisque.compute(grey)[0])
+            if self.niqe_mu is not None:
+                try:
+                    o["score_niqe"] = niqe(grey, self.niqe_mu, self.niqe_cov)
+                except ValueError:  # too small for NIQE's patches (e.g. a thin banner): no score, not an error
+                    o["score_niqe"] = float("nan")
         return out
 
-
-    def _clip_scores(self, image: np.ndarray, context: dict) -> dict[str, float]:
-        torch = self.torch
-        out = {}
+    def _clip_scores(self, images: list[np.ndarray], contexts: list[dict]) -> list[dict[str, float]]:
+        torch, rt = self.torch, self.runtime
+        cols: dict[str, list[float]] = {}
         with torch.inference_mode():
             if self.clip is not None:
-                pixels = self.clip_images(images=[image], return_tensors="pt")["pixel_values"]
-                tokens = self.clip_tokenizer([render(self.config.clip_prompt, context)], padding=True, truncation=True, return_tensors="pt")
-                img = _embedding(self.clip.get_image_features(pixel_values=pixels))
-                txt = _embedding(self.clip.get_text_features(**tokens))
+                pixels = self.clip_images(images=images, return_tensors="pt")["pixel_values"].to(rt.device, rt.dtype)
+                prompts = [render(self.config.clip_prompt, c) for c in contexts]
+                tokens = self.clip_tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(rt.device)
+                img = _embedding(self.clip.get_image_features(pixel_values=pixels)).float()
+                txt = _embedding(self.clip.get_text_features(**tokens)).float()
                 img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
-                out["score_clip"] = float((img * txt).sum())
+                cols["score_clip"] = (img * txt).sum(dim=-1).cpu().tolist()
                 if self.aesthetic is not None:
                     w, b = self.aesthetic
-                    out["score_aesthetic"] = float(img @ w.T + b)
+                    cols["score_aesthetic"] = (img @ w.T + b)[:, 0].cpu().tolist()
             if self.safety is not None:
-                pixels = self.safety_images(images=[image], return_tensors="pt")["pixel_values"]
-                emb = self.safety.visual_projection(self.safety.vision_model(pixels)[1])
+                pixels = self.safety_images(images=images, return_tensors="pt")["pixel_values"].to(rt.device, rt.dtype)
+                emb = self.safety.visual_projection(self.safety.vision_model(pixels)[1]).float()
                 emb = emb / emb.norm(dim=-1, keepdim=True)
-                concepts = self.safety.concept_embeds / self.safety.concept_embeds.norm(dim=-1, keepdim=True)
-                margins = (emb @ concepts.T)[0] - self.safety.concept_embeds_weights
-                out["score_unsafe"] = float(margins.max())
-        return out
+                concepts = self.safety.concept_embeds.float()
+                concepts = concepts / concepts.norm(dim=-1, keepdim=True)
+                margins = emb @ concepts.T - self.safety.concept_embeds_weights.float()
+                cols["score_unsafe"] = margins.max(dim=-1).values.cpu().tolist()
+        return [{k: float(v[i]) for k, v in cols.items()} for i in range(len(images))]
 
 
 def _embedding(features):

@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 
 from cluster.resources import ResourcePlan
 from pipelines.manifest import read_manifest
-from pipelines.recipes import Recipe
+from pipelines.recipes import Recipe, Step
+from pipelines.scoring import ScoreModels, scorer_label
 from pipelines.stages import DecodeAndExpand, Fetch, Finish, ParseRows, RunContext, RunSteps, pool_group, step_label
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,19 @@ def stage_sequence(recipes: list[Recipe]) -> list[StagePlan]:
     return out
 
 
+def pool_stages(recipes: list[Recipe]) -> list[tuple[str, list[Step]]]:
+    """(label, steps) of every actor-pool stage a run has, in stream order: the GPU op groups
+    of `stage_sequence`, then one scorer pool per distinct scorer config that asks for one.
+    The steps carry the resources, pool bounds and batch size the pool is planned from."""
+    pools = [(st.label, pool_steps(st)) for st in stage_sequence(recipes) if st.label != "cpu"]
+    scorers: dict[str, list[Step]] = {}
+    for r in recipes:
+        label = scorer_label(r)
+        if label != "cpu":
+            scorers.setdefault(label, []).append(r.scorer_step)
+    return pools + list(scorers.items())
+
+
 def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: ResourcePlan):
     """The lazy Dataset of output rows (variant and error rows, no pixels)."""
     import ray
@@ -67,17 +81,18 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
     # Fetch is I/O bound: a fraction of a CPU, many requests in flight per task.
     ds = ds.map_batches(Fetch(ctx), batch_format="pyarrow", batch_size=plan.cpu_batch_size, num_cpus=plan.fetch_cpus)
     ds = ds.map_batches(DecodeAndExpand(ctx), batch_format="pyarrow", **cpu)
-    stages = stage_sequence(recipes)
-    n_pools = len({st.label for st in stages if st.label != "cpu"})
-    for st in stages:
-        if st.label == "cpu":
+    stages = pool_stages(recipes)
+    pools = dict(stages)
+    labels = [st.label for st in stage_sequence(recipes)] + [label for label in pools if label.startswith("score:")]
+    for label in labels:
+        if label == "cpu":
             ds = ds.map_batches(RunSteps(ctx, "cpu"), batch_format="numpy", **cpu)
             continue
-        pool = plan.pool_for(pool_steps(st), n_pools)
-        log.info("stage %s: actor pool %d..%d, %.2f GPU/actor, batch %d", st.label, pool.min_size, pool.max_size, pool.num_gpus, pool.batch_size)
+        pool = plan.pool_for(pools[label], len(stages))
+        log.debug("stage %s: actor pool %d..%d, %.2f GPU/actor, batch %d", label, pool.min_size, pool.max_size, pool.num_gpus, pool.batch_size)
         ds = ds.map_batches(
-            RunSteps,
-            fn_constructor_args=(ctx, st.label),
+            ScoreModels if label.startswith("score:") else RunSteps,
+            fn_constructor_args=(ctx, label),
             batch_format="numpy",
             batch_size=pool.batch_size,
             compute=ray.data.ActorPoolStrategy(

@@ -11,6 +11,12 @@ variants per SKU, and a gate of score thresholds.
     gate:
       score_width: {min: 1600}
     max_attempts: 3   # a seeded recipe's variant failing the gate is regenerated with the next seed
+    scores:           # optional model-based scores (ops/quality_models.py)
+      clip: s3://models/clip-vit-l14
+      safety: s3://models/sd-safety-checker
+      resources: {gpus: 0.25}          # placement keys, as for a step: with GPUs or a pool the
+      pool: {min_size: 1, max_size: 2} # scores run batched on their own actor pool; without,
+      batch_size: 16                   # on the CPU worker that finishes the row
 
 A recipe's hash covers every op's *validated* config (defaults included) and version, so
 changing a default or bumping an op version changes the hash.
@@ -90,7 +96,8 @@ class RecipeSpec(_Strict):
     # Attempts per variant when the gate fails (seeded recipes only: a deterministic recipe
     # would produce the same image again, so it fails once with its reasons).
     max_attempts: int = Field(3, ge=1, le=10)
-    # Model-based quality scores (ops/quality_models.py): model references, like an op's.
+    # Model-based quality scores (ops/quality_models.py): model references, like an op's, plus
+    # the placement keys of a step (SCORE_PLACEMENT_KEYS).
     scores: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("gate")
@@ -102,6 +109,10 @@ class RecipeSpec(_Strict):
             if key not in SCORE_NAMES:
                 raise ValueError(f"gate on unknown score {key!r}; known: {', '.join(SCORE_NAMES)} and compliance_<channel>[_<rule>] columns")
         return gate
+
+
+# Keys of `scores:` that say where the scorers run (as for a step), not what they compute.
+SCORE_PLACEMENT_KEYS = ("resources", "pool", "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +135,8 @@ class Recipe:
             except OpConfigError as exc:
                 raise RecipeError(f"{source}: ops[{i}]: {exc}") from None
             self.steps.append(Step(step, op))
-        try:
-            self.scorer = QualityModels(spec.scores)
-        except OpConfigError as exc:
-            raise RecipeError(f"{source}: scores: {exc}") from None
+        self.scorer_step = _scorer_step(spec.scores, source)
+        self.scorer: QualityModels = self.scorer_step.op  # type: ignore[assignment]
         fanning = [s.op.name for s in self.steps if hasattr(s.op, "segment_ids")]
         if len(fanning) > 1:
             raise RecipeError(f"{source}: at most one segment step per recipe, got {fanning}")
@@ -152,8 +161,7 @@ class Recipe:
 
     def model_refs(self) -> list[tuple[Step, str, str]]:
         """(step, config field, reference) for every model the recipe loads."""
-        scorer = Step(StepSpec(op=self.scorer.name), self.scorer)
-        return [(s, field, ref) for s in [*self.steps, scorer] for field, ref in s.op.model_refs().items()]
+        return [(s, field, ref) for s in [*self.steps, self.scorer_step] for field, ref in s.op.model_refs().items()]
 
     @property
     def uses_seed(self) -> bool:
@@ -194,6 +202,26 @@ class Recipe:
         return reasons
 
 
+def _scorer_step(scores: dict[str, Any], source: str) -> Step:
+    """The recipe's model scorers as a step: their models in a QualityModels op, their
+    placement (resources, pool, batch size) in a StepSpec, validated like an op step's."""
+    config = {k: v for k, v in scores.items() if k not in SCORE_PLACEMENT_KEYS}
+    try:
+        placement = StepSpec(op=QualityModels.name, **{k: scores[k] for k in SCORE_PLACEMENT_KEYS if k in scores})
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: scores: {_problems(exc)}") from None
+    try:
+        res = Resources(**placement.resources.model_dump()) if placement.resources else None
+        op = QualityModels(config, resources=res)
+    except OpConfigError as exc:
+        raise RecipeError(f"{source}: scores: {exc}") from None
+    return Step(placement, op)
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+
+
 def load_recipe(name_or_path: str) -> Recipe:
     """A built-in recipe by name (see `builtin_recipes()`), or a YAML file by path."""
     path = Path(name_or_path).expanduser()
@@ -214,8 +242,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     try:
         spec = RecipeSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
-        raise RecipeError(f"{path}: {problems}") from None
+        raise RecipeError(f"{path}: {_problems(exc)}") from None
     return Recipe(spec, str(path))
 
 

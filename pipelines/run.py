@@ -34,7 +34,7 @@ from ops.models import ModelError, ModelInfo
 from pipelines.manifest import check_columns
 from pipelines.model_store import ModelStore
 from pipelines.report import write_report
-from pipelines.plan import build_dataset, find_duplicate_skus, pool_steps, stage_sequence
+from pipelines.plan import build_dataset, find_duplicate_skus, pool_stages
 from pipelines.duplicates import flag_duplicates
 from pipelines.sink import dedupe_repeated_rows, write_tables
 from pipelines.stages import RunContext
@@ -152,9 +152,12 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     plan = plan_resources(cluster, cpu_batch_size=cfg.cpu_batch_size, gpu_batch_size=cfg.gpu_batch_size, max_gpus=cfg.max_gpus)
     apply_data_context(plan)
     log.info("run %s: %s", run_id, plan.describe())
-    stages = [st for st in stage_sequence(list(recipes.values())) if st.label != "cpu"]
-    for st in stages:
-        plan.pool_for(pool_steps(st), len(stages))  # fails now, before any work, if the cluster cannot host it
+    pools = pool_stages(list(recipes.values()))
+    # Fails now, before any work, if the cluster cannot host a pool; the numbers go in _run.json.
+    pool_plans = {label: plan.pool_for(steps, len(pools)) for label, steps in pools}
+    for label, pool in pool_plans.items():
+        log.info("run %s: %s on an actor pool of %d..%d, %.2f GPU and %.2f CPU per actor, batch %d",
+                 run_id, label, pool.min_size, pool.max_size, pool.num_gpus, pool.num_cpus, pool.batch_size)  # fmt: skip
 
     # 3. What can be reused: earlier attempts of this run id, and the last committed run.
     attempt = max(journal_attempts(run_prefix, storage), default=0) + 1
@@ -192,7 +195,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
         "config": {**cfg.record(), "run_id": run_id},
         "recipes": {name: {"hash": r.hash, "fingerprint": dict(fingerprints)[name], "source": redact(r.source), "ops": r.op_keys} for name, r in recipes.items()},
         "packages": _versions(),
-        "resources": dataclasses.asdict(plan),
+        "resources": {**dataclasses.asdict(plan), "pools": {label: dataclasses.asdict(p) for label, p in pool_plans.items()}},
         "counts": {
             "inputs": summary.inputs,
             "variants": summary.variants,

@@ -90,7 +90,20 @@ def worker_instance(key: str, op):
     and model identities) plus the step, so a changed recipe or model never reuses a copy."""
     with _setup_lock:
         return _instances.setdefault(key, op)
-# GPU actors run two batches at a time (see plan.py); model fetch and setup happen once.
+
+
+def ready_instance(key: str, op, store: ModelStore):
+    """`worker_instance` with its models fetched from the store (once per node) and set up
+    (once per worker). Raises what fetch or setup raised: the caller fails its rows."""
+    op = worker_instance(key, op)
+    with _setup_lock:
+        if not op._ready:
+            op.bind_models({field: store.fetch(ref) for field, ref in op.model_refs().items()})
+        op.ensure_setup()
+    return op
+
+
+# Model fetch and setup happen once per worker, whichever thread of an actor gets there first.
 _setup_lock = threading.Lock()
 
 
@@ -125,9 +138,19 @@ def derive_seed(sku: str, recipe: str, variant: int, attempt: int = 0) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def scorer_key(ctx: RunContext, recipe: Recipe) -> str:
+    """Which worker copy of a recipe's scorers to use: its fingerprint (config, models)."""
+    return f"{ctx.fingerprint(recipe.name)}:scores"
+
+
+def score_context(row: dict) -> dict:
+    """What a scorer's prompt template may read from a row."""
+    return {k: row.get(k) for k in ("title", "category", "attributes", "segment")}
+
+
 _TEXT_COLUMNS = frozenset({
     "sku", "source_uri", "title", "category", "attributes", "recipe", "segment", "source_sha256", "source_etag",
-    "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "source_phash", "error", "stage", "error_type",
+    "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "source_phash", "model_scores", "error", "stage", "error_type",
 })  # fmt: skip
 
 
@@ -265,12 +288,13 @@ WORK_KEYS = [
     "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "attempt", "segment", "seed", "source_sha256",
     "source_etag", "source_size", "input_sha256", "state_key", "reuse", "source_phash",
     "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models", "nodes",
-    "error", "stage", "error_type",
+    "model_scores", "error", "stage", "error_type",
 ]  # fmt: skip
 # `models` is a JSON list of [reference, sha256] pairs, one per model-backed step the row
 # went through, `nodes` a JSON list of the Ray node ids that worked on the row (decode, each
 # pool stage, finish), and `reuse` the JSON list of prior rows (one per gate attempt) this row
-# carries forward ('' when the row is generated): strings, so they survive Ray's numpy <-> Arrow
+# carries forward ('' when the row is generated), `model_scores` the JSON scores a scorer pool
+# computed (unset: Finish computes them): strings, so they survive Ray's numpy <-> Arrow
 # conversions unchanged.
 
 
@@ -407,14 +431,10 @@ class RunSteps:
         return _columns(rows, WORK_KEYS)
 
     def _run_step(self, recipe: Recipe, k: int, rows: list[dict]) -> None:
-        op = worker_instance(f"{self.fingerprints.get(recipe.name, recipe.hash)}:{k}", recipe.steps[k].op)
+        op = recipe.steps[k].op
         stage = f"op:{op.name}"
         try:
-            with _setup_lock:
-                if not op._ready:
-                    # Models come from the store (downloaded once per node), then setup() loads them.
-                    op.bind_models({field: self.store.fetch(ref) for field, ref in op.model_refs().items()})
-                op.ensure_setup()
+            op = ready_instance(f"{self.fingerprints.get(recipe.name, recipe.hash)}:{k}", op, self.store)
         except Exception as exc:  # noqa: BLE001 - a broken model fails its rows, not the run
             for r in rows:
                 _fail(r, stage, exc)
@@ -530,7 +550,9 @@ class Finish:
             image = embed_watermark(image, wid) if wid is not None else image
             xmp = Label(run_id=self.ctx.run_id, sku=r["sku"], recipe=recipe.name, variant=int(r["variant"]), watermark_id=wid).xmp()
         scores = quality_scores(image, source=r["source"], mask=r["mask"], affine=affine)
-        scores.update(self._model_scores(recipe, image, r))
+        # Model scores judge the variant as the ops made it (before the invisible watermark),
+        # wherever the recipe runs them: here, or already on their actor pool.
+        scores.update(json.loads(r["model_scores"]) if r.get("model_scores") else self._model_scores(recipe, r))
         fmt = recipe.spec.output.pil_format
         data = encode_image(image, fmt, recipe.spec.output.quality, xmp=xmp)
         scores.update(evaluate_compliance(Subject(image=image, mask=r["mask"], fmt=fmt, n_bytes=len(data), ai_generated=generated, ai_labelled=generated)))
@@ -583,18 +605,14 @@ class Finish:
             "node_ids": json.loads(r["nodes"] or "[]"),
         }
 
-    def _model_scores(self, recipe: Recipe, image: np.ndarray, row: dict) -> dict[str, float]:
-        """The recipe's model-based scores (BRISQUE, NIQE, CLIP, aesthetic, safety), models
-        fetched and loaded once per worker; a failure fails the row at stage 'score'."""
+    def _model_scores(self, recipe: Recipe, row: dict) -> dict[str, float]:
+        """The recipe's model-based scores (BRISQUE, NIQE, CLIP, aesthetic, safety) on this CPU
+        worker, models loaded once per worker; a failure fails the row at stage 'score'."""
         if not recipe.scorer.model_refs():
             return {}
-        scorer = worker_instance(f"{self.ctx.fingerprint(recipe.name)}:scores", recipe.scorer)
         try:
-            with _setup_lock:
-                if not scorer._ready:
-                    scorer.bind_models({field: self.store.fetch(ref) for field, ref in scorer.model_refs().items()})
-                scorer.ensure_setup()
-            return scorer.score(image, {k: row.get(k) for k in ("title", "category", "attributes", "segment")})
+            scorer = ready_instance(scorer_key(self.ctx, recipe), recipe.scorer, self.store)
+            return scorer.score(row["image"], score_context(row))
         except Exception as exc:  # noqa: BLE001
             exc.stage = "score"
             raise

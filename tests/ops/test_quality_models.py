@@ -196,3 +196,57 @@ def test_flagged_variants_never_reach_images(ray_session, tmp_path, tiny_scorers
     published = [p.relative_to(out / "s1" / "images").parts[0] for p in (out / "s1" / "images").rglob("*") if p.is_file()]
     assert len(published) == 2 and all(top.startswith("clean") for top in published), published
     assert s.rejected == 2 and s.passed == 2
+
+
+def test_score_batch_matches_scoring_one_at_a_time(tiny_scorers):
+    rng = np.random.default_rng(2)
+    images = [(rng.random(shape) * 255).astype(np.uint8) for shape in ((120, 90, 3), (64, 200, 3), (300, 300, 3))]
+    contexts = [{"title": "Trail shoe"}, {"title": "Glass bottle with a long label text", "attributes": {"color": "green"}}, {}]
+    scorer = QualityModels({"clip": str(tiny_scorers["clip"]), "aesthetic": str(tiny_scorers["aesthetic"]), "safety": str(tiny_scorers["flag_none"]),
+                            "clip_prompt": "{title}, {attributes.color}"})  # fmt: skip
+    batched = scorer.score_batch(images, contexts)
+    single = [scorer.score(im, c) for im, c in zip(images, contexts)]
+    assert len(batched) == 3
+    for b, s in zip(batched, single):
+        assert set(b) == {"score_clip", "score_aesthetic", "score_unsafe"}
+        for k in b:  # padding the shorter prompts and stacking the images changes nothing
+            assert b[k] == pytest.approx(s[k], abs=1e-5), k
+    assert len({round(b["score_clip"], 6) for b in batched}) == 3
+
+
+def test_scores_placed_on_a_gpu_pool_match_scores_in_finish(ray_session, tmp_path, tiny_scorers):
+    manifest = write_sample_catalog(tmp_path / "cat", 3)
+    models = {"clip": str(tiny_scorers["clip"]), "aesthetic": str(tiny_scorers["aesthetic"]), "safety": str(tiny_scorers["flag_all"])}
+    recipes = []
+    for name, placement in (("in-finish", {}), ("on-pool", {"resources": {"gpus": 0.5, "cpus": 0.5}, "pool": {"min_size": 1, "max_size": 1}, "batch_size": 2})):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(json.dumps({"name": name, "ops": [{"op": "sharpen"}], "scores": {**models, **placement}}))
+        recipes.append(str(p))
+    out = tmp_path / "out"
+    s = run_catalog(RunConfig(manifest=str(manifest), recipes=tuple(recipes), output=str(out), run_id="p1", model_cache=str(tmp_path / "cache")))
+    assert s.errors == 0 and s.variants == 6
+    record = json.loads((out / "p1" / "_run.json").read_text())
+    pools = record["resources"]["pools"]
+    assert [label[:6] for label in pools] == ["score:"], pools  # only the on-pool recipe's scorers got a pool
+    assert next(iter(pools.values()))["num_gpus"] == 0.5 and next(iter(pools.values()))["batch_size"] == 2
+    rows = pq.read_table(out / "p1" / "variants").to_pylist()
+    by = {(r["sku"], r["recipe"]): r for r in rows}
+    for sku in {r["sku"] for r in rows}:
+        a, b = by[(sku, "in-finish")], by[(sku, "on-pool")]
+        for k in ("score_clip", "score_aesthetic", "score_unsafe"):
+            assert a[k] is not None and b[k] == pytest.approx(a[k], abs=1e-5), (sku, k)
+        # The safety rule holds wherever the scores ran: flagged, rejected, never published.
+        assert not b["passed"] and "flagged by the safety model" in b["reasons"][0] and "/p1/rejected/" in b["output_uri"]
+    assert s.rejected == 6
+
+
+def test_scores_placement_is_validated_like_a_step(tiny_scorers, tmp_path):
+    from pipelines.recipes import RecipeError
+
+    p = tmp_path / "bad.yaml"
+    p.write_text(json.dumps({"name": "bad", "ops": [{"op": "sharpen"}], "scores": {"clip": str(tiny_scorers["clip"]), "resources": {"gpus": -1}}}))
+    with pytest.raises(RecipeError, match=r"scores: resources\.gpus: .*greater than or equal to 0.*got -1"):
+        load_recipe(str(p))
+    p.write_text(json.dumps({"name": "bad", "ops": [{"op": "sharpen"}], "scores": {"clip": str(tiny_scorers["clip"]), "batch_size": 0}}))
+    with pytest.raises(RecipeError, match=r"scores: batch_size"):
+        load_recipe(str(p))

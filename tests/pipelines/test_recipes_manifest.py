@@ -20,6 +20,21 @@ def test_builtin_recipes_load_and_examples_are_the_same_files():
         assert load_recipe(str(example)).hash == load_recipe(name).hash
 
 
+def test_generative_example_plans_one_gpu_pool_for_ops_and_one_for_scores():
+    from pathlib import Path
+
+    from pipelines.plan import pool_stages
+
+    recipe = load_recipe(str(Path(__file__).resolve().parents[2] / "examples" / "recipes" / "studio-scenes.yaml"))
+    pools = pool_stages([recipe])
+    assert [label.split(":")[0] for label, _ in pools] == ["pool", "score"]
+    assert [s.op.name for s in pools[0][1]] == ["scene", "outpaint", "upscale"]
+    (scorer,) = pools[1][1]
+    assert scorer.op.resources.gpus == 0.25 and scorer.spec.batch_size == 16
+    # Placement is not part of the recipe's identity: moving scores to a pool reuses last night's rows.
+    assert "resources" not in str(recipe.canonical().get("scores"))
+
+
 def test_recipe_hash_changes_with_params_and_covers_defaults(tmp_path):
     base = {"name": "r", "ops": [{"op": "sharpen"}]}
     a = tmp_path / "a.yaml"
