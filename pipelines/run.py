@@ -185,6 +185,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
         )
 
     # 5. Commit: tables into cleared prefixes, then _run.json, then move _latest.
+    check_sole_driver(run_id, run_prefix, attempt, storage)
     write_tables(rows, run_prefix, storage)
     summary.wall_s = time.perf_counter() - t0
     record = {
@@ -226,6 +227,21 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     except Exception as exc:  # noqa: BLE001
         log.warning("run %s is committed, but its report could not be written (%s); rerun `skustudio report %s`", run_id, exc, redact(run_prefix))
     return summary
+
+
+def check_sole_driver(run_id: str, run_prefix: str, attempt: int, storage: StorageConfig) -> None:
+    """Refuse to commit when another driver runs (or ran) the same run id: it committed while
+    this one worked, or it started after this one (its journal attempt is newer) and will
+    commit itself, having reused this attempt's journalled rows. Two drivers committing one
+    prefix would replace each other's tables under readers."""
+    if exists(join(run_prefix, RUN_RECORD), storage):
+        raise RunFailed(f"run {run_id}: another driver committed this run id while this one was running; nothing more was written. "
+                        f"Its result is at {redact(run_prefix)}; run one driver per run id (nightly: one job per date).")  # fmt: skip
+    newer = sorted(a for a in journal_attempts(run_prefix, storage) if a > attempt)
+    if newer:
+        raise RunFailed(f"run {run_id}: another driver started this run id after this one (attempt {newer[-1]} > {attempt}) and "
+                        f"will commit it, reusing the rows this one journalled; nothing was committed by this one. If that driver is "
+                        f"gone too, rerun with --run-id {run_id} to commit (finished rows are reused). Run one driver per run id.")  # fmt: skip
 
 
 def run_gate_retries(ctx: RunContext, rows, manifest: str, columns: list[str], plan):

@@ -284,3 +284,41 @@ def test_sku_values_cannot_escape_the_run_prefix(corpus_run):
         parts = rel.split("/")
         assert len(parts) == 3 and all(p not in ("", ".", "..") for p in parts), v["output_uri"]
     assert np.all([v["output_uri"].isascii() for v in corpus_run["variants"]])
+
+
+# --------------------------------------------------------------------------- two drivers
+
+
+def test_a_driver_overtaken_by_a_second_driver_does_not_commit(ray_session, tmp_path, monkeypatch):
+    """Two drivers on one run id (a manual rerun while the nightly still runs): the earlier
+    one must not commit over the later one, which reuses its journal and commits itself."""
+    import pipelines.run as run_module
+    from pipelines.run import check_sole_driver
+    from pipelines.schema import OUTPUT_SCHEMA
+
+    n = 6
+    manifest = _write_catalog(tmp_path / "cat", n, seed0=950)
+    run_dir = tmp_path / "out" / "d1"
+    summarise = run_module._summarise
+
+    def second_driver_appears(*args, **kwargs):
+        # After this driver's work, before its commit: a second driver's attempt-2 journal lands.
+        assert _journal_files(run_dir), "the first driver journalled nothing"
+        (run_dir / "_journal" / "a0002").mkdir(parents=True, exist_ok=True)
+        pq.write_table(OUTPUT_SCHEMA.empty_table(), run_dir / "_journal" / "a0002" / "other-driver.parquet")
+        return summarise(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_summarise", second_driver_appears)
+    cfg = RunConfig(manifest=str(manifest), recipes=("enhance",), output=str(tmp_path / "out"), run_id="d1")
+    with pytest.raises(RunFailed, match=r"another driver started this run id after this one \(attempt 2 > 1\)"):
+        run_catalog(cfg)
+    monkeypatch.setattr(run_module, "_summarise", summarise)
+    assert not (run_dir / "_run.json").exists() and not (tmp_path / "out" / "_latest").exists()
+    assert not (run_dir / "variants").exists()
+    # The later driver's part: a rerun of the run id commits, reusing the first driver's rows.
+    summary = run_catalog(cfg)
+    assert summary.attempt == 3 and summary.resumed == n and summary.generated == 0
+    _assert_exactly_once(_local_table(run_dir / "variants"), n, {"enhance": 1})
+    # And a driver that finds the run committed under it refuses too.
+    with pytest.raises(RunFailed, match="another driver committed this run id"):
+        check_sole_driver("d1", str(run_dir), 3, StorageConfig())
