@@ -134,19 +134,29 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 
 
-def encode_image(image: np.ndarray, fmt: str = "JPEG", quality: int = 92, xmp: bytes | None = None) -> bytes:
+def encode_image(image: np.ndarray, fmt: str = "JPEG", quality: int = 92, xmp: bytes | None = None, alpha: np.ndarray | None = None) -> bytes:
     """Encode an RGB uint8 array, with an XMP packet when given (JPEG APP1, WebP XMP chunk,
-    PNG iTXt 'XML:com.adobe.xmp'). JPEG uses 4:4:4 above quality 90 to keep label text crisp."""
+    PNG iTXt 'XML:com.adobe.xmp'). JPEG uses 4:4:4 above quality 90 to keep label text crisp.
+    With `alpha` (H x W uint8, e.g. the soft product matte) PNG and WebP are written as RGBA;
+    fully transparent pixels are zeroed so the file carries no hidden backdrop."""
     pil_format = FORMATS.get(fmt.lower())
     if pil_format is None:
         raise OpInputError(f"unknown output format {fmt!r}; use one of JPEG, PNG, WEBP")
     buf = io.BytesIO()
-    img = Image.fromarray(image, "RGB")
+    if alpha is not None:
+        if pil_format == "JPEG":
+            raise OpInputError("JPEG has no alpha channel; write PNG or WEBP for a transparent cutout")
+        if alpha.shape != image.shape[:2]:
+            raise OpInputError(f"alpha is {alpha.shape[1]}x{alpha.shape[0]} but the image is {image.shape[1]}x{image.shape[0]}")
+        rgba = np.dstack([np.where(alpha[..., None] > 0, image, 0).astype(np.uint8), alpha])
+        img = Image.fromarray(rgba, "RGBA")
+    else:
+        img = Image.fromarray(image, "RGB")
     extra = {"xmp": xmp} if xmp else {}
     if pil_format == "JPEG":
         img.save(buf, "JPEG", quality=quality, optimize=True, subsampling=0 if quality >= 90 else 2, **extra)
     elif pil_format == "WEBP":
-        img.save(buf, "WEBP", quality=quality, method=4, **extra)
+        img.save(buf, "WEBP", quality=quality, method=4, alpha_quality=100, **extra)
     else:
         from PIL.PngImagePlugin import PngInfo
 

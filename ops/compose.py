@@ -1,5 +1,11 @@
 """Compose the cut-out product onto a solid background: scaled to a fill ratio, centred,
-optionally with a soft contact shadow. This is the marketplace 'main image' shot."""
+optionally with a soft contact shadow. This is the marketplace 'main image' shot.
+
+Small sources: a 300 px packshot cannot fill 87% of a 1600 px canvas without a 5x blur. With
+`min_size` the canvas shrinks (never below min_size, e.g. the 1000 px a channel accepts) until
+the enlargement fits `max_upscale`; with `upscale_model` (an OpenCV dnn_superres `.pb` or a
+spandrel checkpoint) the product's region is super-resolved before it is placed. The row is
+refused, with both numbers, only when even the smallest canvas needs more than `max_upscale`."""
 
 from __future__ import annotations
 
@@ -7,9 +13,13 @@ import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from ops.base import Item, Op, OpConfig, OpInputError, chain_affines, has_mask
+from ops.base import Item, Op, OpConfig, OpInputError, Resources, chain_affines, has_mask
 from ops.geometry import mask_bbox, parse_aspect, scale_step, translate_step
+from ops.models import ModelInfo
 from ops.registry import register
+
+# Below this enlargement a plain Lanczos resize is as good as super-resolution.
+_SR_FROM = 1.25
 
 
 class ComposeConfig(OpConfig):
@@ -21,18 +31,38 @@ class ComposeConfig(OpConfig):
     shadow_opacity: float = Field(0.35, ge=0, le=1)
     shadow_softness: float = Field(0.04, gt=0, le=0.5, description="blur, as a fraction of the product width")
     max_upscale: float = Field(4.0, ge=1, description="refuse to enlarge the product more than this")
+    min_size: int | None = Field(None, ge=16, le=10000, description="small sources: shrink the canvas down to this longer side before refusing")
+    upscale_model: str | None = Field(None, description="super-resolution model for enlargements (OpenCV dnn_superres .pb or a spandrel checkpoint)")
 
     @model_validator(mode="after")
     def _check(self):
         parse_aspect(self.aspect)
+        if self.min_size is not None and self.min_size > self.size:
+            raise ValueError(f"min_size={self.min_size} is larger than size={self.size}")
         return self
 
 
 @register
 class Compose(Op):
     name = "compose"
-    version = "1"
+    version = "2"
     Config = ComposeConfig
+    model_fields = ("upscale_model",)
+
+    def check_model(self, field: str, info: ModelInfo) -> None:
+        self._upscaler().check_model("model", info)
+
+    def setup(self) -> None:
+        self._sr = None
+        if self.config.upscale_model:
+            self._sr = self._upscaler()
+            self._sr.bind_models({"model": self.models["upscale_model"]})
+            self._sr.ensure_setup()
+
+    def _upscaler(self):
+        from ops.upscale import Upscale  # the GAN stack loads only for recipes that ask for SR
+
+        return Upscale({"model": self.config.upscale_model, "device": "cpu"}, resources=Resources(cpus=self.resources.cpus))
 
     def apply(self, item: Item) -> Item:
         c = self.config
@@ -42,19 +72,28 @@ class Compose(Op):
         if bbox is None:
             raise OpInputError("compose: the product mask is empty (no product found)")
 
-        # 1. Canvas size from the longer side and aspect.
-        a = parse_aspect(c.aspect)
-        cw, ch = (c.size, max(1, round(c.size / a))) if a >= 1 else (max(1, round(c.size * a)), c.size)
-
-        # 2. Scale the product box so its binding side fills `fill` of the canvas.
+        # 1. Canvas: the largest from `size` down to `min_size` whose enlargement fits max_upscale.
         x0, y0, x1, y1 = bbox
         bw, bh = x1 - x0, y1 - y0
+        cw, ch = self._canvas(c.size)
         s = min(c.fill * cw / bw, c.fill * ch / bh)
+        if s > c.max_upscale and c.min_size:
+            cw, ch = self._canvas(max(c.min_size, int(c.size * c.max_upscale / s)))
+            s = min(c.fill * cw / bw, c.fill * ch / bh)
         if s > c.max_upscale:
+            smallest = f" (already the smallest canvas, min_size={c.min_size})" if c.min_size else ""
             raise OpInputError(
-                f"the product is {bw}x{bh} px; filling {c.fill:.0%} of a {cw}x{ch} canvas needs {s:.1f}x enlargement, "
-                f"over max_upscale={c.max_upscale}; use a larger source or a smaller canvas"
+                f"the product is {bw}x{bh} px; filling {c.fill:.0%} of a {cw}x{ch} canvas{smallest} needs {s:.1f}x enlargement, "
+                f"over max_upscale={c.max_upscale}; use a larger source{'' if c.min_size else ', set min_size'} or a smaller canvas"
             )
+
+        # 2. Enlargement by a super-resolution model when the recipe has one: the product's
+        #    region only, then the move below scales the rest of the way (the affine follows).
+        if getattr(self, "_sr", None) is not None and s > _SR_FROM:
+            item = self._super_resolve(item, bbox)
+            x0, y0, x1, y1 = mask_bbox(item.mask) or (0, 0, item.image.shape[1], item.image.shape[0])
+            bw, bh = x1 - x0, y1 - y0
+            s = min(c.fill * cw / bw, c.fill * ch / bh)
 
         # 3. One affine for the whole move: crop to the box, scale, centre.
         tx, ty = (cw - bw * s) / 2.0, (ch - bh * s) / 2.0
@@ -71,6 +110,23 @@ class Compose(Op):
         a = alpha.astype(np.float32)[..., None] / 255.0
         out = canvas * (1 - a) + product.astype(np.float32) * a
         return item.moved(np.clip(out + 0.5, 0, 255).astype(np.uint8), alpha, step)
+
+    def _canvas(self, size: int) -> tuple[int, int]:
+        a = parse_aspect(self.config.aspect)
+        return (size, max(1, round(size / a))) if a >= 1 else (max(1, round(size * a)), size)
+
+    def _super_resolve(self, item: Item, bbox: tuple[int, int, int, int]) -> Item:
+        """Crop to the product (with a margin for the matte's soft edge), super-resolve it once
+        at the model's native scale, and carry the mask and affine along."""
+        h, w = item.image.shape[:2]
+        x0, y0, x1, y1 = bbox
+        m = max(2, round(0.05 * max(x1 - x0, y1 - y0)))
+        x0, y0, x1, y1 = max(0, x0 - m), max(0, y0 - m), min(w, x1 + m), min(h, y1 + m)
+        crop = item.moved(item.image[y0:y1, x0:x1], item.mask[y0:y1, x0:x1], translate_step(-x0, -y0))
+        big = self._sr.super_resolve([np.ascontiguousarray(crop.image)])[0]
+        k_x, k_y = big.shape[1] / crop.image.shape[1], big.shape[0] / crop.image.shape[0]
+        mask = cv2.resize(crop.mask, (big.shape[1], big.shape[0]), interpolation=cv2.INTER_LINEAR)
+        return crop.moved(big, mask, scale_step(k_x, k_y))
 
 
 def _contact_shadow(alpha: np.ndarray, softness: float) -> np.ndarray:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ops.base import Op, OpConfigError, Resources
 from ops.quality_models import QualityModels
@@ -75,6 +75,14 @@ class StepSpec(_Strict):
 class OutputSpec(_Strict):
     format: Literal["JPEG", "PNG", "WEBP", "jpeg", "png", "webp", "jpg", "JPG"] = "JPEG"
     quality: int = Field(92, ge=1, le=100)
+    # Write the product matte as the image's alpha channel (RGBA PNG / WebP): a cutout.
+    alpha: bool = False
+
+    @model_validator(mode="after")
+    def _alpha_format(self):
+        if self.alpha and self.pil_format == "JPEG":
+            raise ValueError(f"output.alpha needs PNG or WEBP, not format {self.format!r} (JPEG has no alpha channel)")
+        return self
 
     @property
     def pil_format(self) -> str:
@@ -137,6 +145,8 @@ class Recipe:
             self.steps.append(Step(step, op))
         self.scorer_step = _scorer_step(spec.scores, source)
         self.scorer: QualityModels = self.scorer_step.op  # type: ignore[assignment]
+        if spec.output.alpha and not any(s.op.name == "remove_background" for s in self.steps):
+            raise RecipeError(f"{source}: output.alpha writes the product matte, but no step makes one; add remove_background to ops")
         fanning = [s.op.name for s in self.steps if hasattr(s.op, "segment_ids")]
         if len(fanning) > 1:
             raise RecipeError(f"{source}: at most one segment step per recipe, got {fanning}")

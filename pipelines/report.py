@@ -48,8 +48,11 @@ HISTOGRAM_SCORES = (
     ("score_fidelity_ssim", "product fidelity, SSIM"),
     ("score_brisque", "BRISQUE (lower is better)"),
     ("score_niqe", "NIQE (lower is better)"),
+    ("score_mask_confidence", "product mask confidence"),
 )
-SHEET_SCORES = (("score_sharpness", "sharp"), ("score_fidelity_ciede2000", "ΔE"), ("score_colorfulness", "colour"))
+SHEET_SCORES = (("score_sharpness", "sharp"), ("score_fidelity_ciede2000", "ΔE"), ("score_colorfulness", "colour"), ("score_mask_confidence", "mask"))
+# Doubtful cutouts listed for review (most doubtful first), at most this many rows.
+REVIEW_ROWS = 200
 
 
 @dataclasses.dataclass
@@ -182,6 +185,7 @@ def render(data: RunData, storage: StorageConfig, max_skus: int = 60, thumb_px: 
         _histograms_section(data),
         _compliance_section(data),
         _errors_section(data),
+        _review_section(data),
         _sheets_section(data, storage, max_skus, thumb_px),
         # The only script: after load, record how many thumbnails the browser decoded (so a
         # headless check can tell a broken image from a good one). Nothing is fetched.
@@ -280,11 +284,42 @@ def _errors_section(data: RunData) -> str:
     return "<h2>Errors</h2><table id='errors'><tr><th>stage</th><th>error type</th><th>rows</th><th>example</th></tr>" + "".join(rows) + "</table>"
 
 
+def _review_section(data: RunData) -> str:
+    """Variants whose gate failed on the product mask's confidence: the segmentation model was
+    unsure what the product is, so a person should look (the image is under rejected/)."""
+    final = data.final
+    if "score_mask_confidence" not in final.column_names or not len(final):
+        return ""
+    # In Arrow: the rows with a mask-confidence reason, then only those become dicts.
+    flat = pc.list_flatten(final["reasons"])
+    hit = pc.fill_null(pc.starts_with(flat, "score_mask_confidence"), False)
+    rows_hit = pc.unique(pc.filter(pc.list_parent_indices(final["reasons"]), hit))
+    if not len(rows_hit):
+        return "<h2>Cutouts to review</h2><p id='no-review'>No variant was rejected for a doubtful product mask.</p>"
+    picked = final.take(rows_hit).select(["sku", "recipe", "variant", "score_mask_confidence", "output_uri"])
+    picked = picked.sort_by([("score_mask_confidence", "ascending"), ("sku", "ascending")])
+    doubtful = picked.slice(0, REVIEW_ROWS).to_pylist()
+    rows = [
+        f"<tr data-sku='{html.escape(r['sku'])}' data-recipe='{html.escape(r['recipe'])}'><td>{html.escape(r['sku'])}</td><td>{html.escape(r['recipe'])}</td>"
+        f"<td class='n'>{r['variant']}</td><td class='n'>{_fmt(r['score_mask_confidence'])}</td><td>{html.escape(r['output_uri'] or '')}</td></tr>"
+        for r in doubtful
+    ]
+    more = f"<p class='muted'>{len(picked) - REVIEW_ROWS} more (filter variants/*.parquet on score_mask_confidence).</p>" if len(picked) > REVIEW_ROWS else ""
+    return (
+        f"<h2>Cutouts to review</h2><p class='muted'>{len(picked)} variants rejected because the product mask is doubtful; "
+        "their images are under rejected/.</p><table id='review'><tr><th>sku</th><th>recipe</th><th>variant</th><th>mask confidence</th><th>image</th></tr>"
+        + "".join(rows) + "</table>" + more
+    )
+
+
 def thumbnail(uri: str, storage: StorageConfig, px: int) -> str:
     """A data-URI JPEG thumbnail of an image object, or '' when it cannot be read."""
     try:
         with Image.open(io.BytesIO(read_bytes(uri, storage))) as im:
             im.draft("RGB", (px, px))  # JPEG: decode at reduced size
+            if im.mode in ("RGBA", "LA") or "transparency" in im.info:
+                # A cutout: show it on light grey, as editors do, not on black.
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (225, 225, 225, 255)), im.convert("RGBA"))
             im = im.convert("RGB")
             im.thumbnail((px, px))
             buf = io.BytesIO()

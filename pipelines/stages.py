@@ -558,7 +558,8 @@ class Finish:
         # wherever the recipe runs them: here, or already on their actor pool.
         scores.update(json.loads(r["model_scores"]) if r.get("model_scores") else self._model_scores(recipe, r))
         fmt = recipe.spec.output.pil_format
-        data = encode_image(image, fmt, recipe.spec.output.quality, xmp=xmp)
+        alpha = r["mask"] if recipe.spec.output.alpha else None
+        data = encode_image(image, fmt, recipe.spec.output.quality, xmp=xmp, alpha=alpha)
         scores.update(evaluate_compliance(Subject(image=image, mask=r["mask"], fmt=fmt, n_bytes=len(data), ai_generated=generated, ai_labelled=generated)))
         reasons = recipe.gate(scores)
         digest = hashlib.sha256(data).hexdigest()

@@ -140,3 +140,39 @@ def save_tiny_aesthetic_head(path: Path, dim: int = 16, seed: int = 0) -> Path:
     g = torch.Generator().manual_seed(seed)
     save_file({"weight": torch.randn(1, dim, generator=g), "bias": torch.randn(1, generator=g)}, str(path))
     return path
+
+
+def save_tiny_salient_onnx(path: Path, family: str = "u2netp", input_side: int | None = None) -> Path:
+    """A one-layer salient-object 'model' exported the way the rembg family's are: one ONNX
+    graph, a fixed 1 x 3 x S x S input, a 1 x 1 x S x S map out (a sigmoid for U²-Net / ISNet
+    exports, logits for BiRefNet). Its weights are set, not random: foreground = darker than a
+    white backdrop after the family's own normalisation, so a test can measure IoU through
+    the real loading path (file name -> family table -> graph surgery -> batched session)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ops.salient_models import SPECS
+
+    spec = SPECS[family]
+    side = input_side or spec.size
+    white = sum((1.0 - m) / s for m, s in zip(spec.mean, spec.std))
+    grey = sum((0.9 - m) / s for m, s in zip(spec.mean, spec.std))
+    k = 8.0 / (white - grey)  # logit +-4 at white and at 90% grey
+    weight = np.full((1, 3, 1, 1), -k, np.float32)
+    bias = np.array([k * (white + grey) / 2], np.float32)
+    nodes = [helper.make_node("Conv", ["input.1", "w", "b"], ["logits"])]
+    nodes.append(helper.make_node("Identity", ["logits"], ["out"]) if spec.logits else helper.make_node("Sigmoid", ["logits"], ["out"]))
+    graph = helper.make_graph(
+        nodes,
+        "tiny_salient",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, side, side])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 1, side, side])],
+        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

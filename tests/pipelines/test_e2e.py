@@ -43,6 +43,12 @@ def s3_run(ray_session, s3_endpoint):
         rows.append({"sku": r.sku, "image_uri": f"s3://catalog/img/{r.sku}.jpg", "title": r.title, "attributes": {"k": "v"}})
         truth[r.sku] = r
     s3.put_object(Bucket="catalog", Key="img/page.jpg", Body=b"<!DOCTYPE html><html>oops</html>")
+    # A planted bad mask: a contact sheet of nine products sent as one SKU's photo. Which one is
+    # the product? The segmentation model cannot say, so its cutout must be rejected, not published.
+    tiles = [render_product(200 + i, background="cluttered", degradation="none", size=(240, 240)).photo for i in range(9)]
+    sheet = np.concatenate([np.concatenate(tiles[i * 3 : i * 3 + 3], 1) for i in range(3)], 0)
+    s3.put_object(Bucket="catalog", Key="img/sheet.jpg", Body=_jpeg(sheet))
+    rows.append({"sku": "SHEET-1", "image_uri": "s3://catalog/img/sheet.jpg", "title": "nine things", "recipes": ["cutout"]})
     bad = [
         {"sku": "HTML-1", "image_uri": "s3://catalog/img/page.jpg"},
         {"sku": "MISSING-1", "image_uri": "s3://catalog/img/nope.jpg"},
@@ -51,7 +57,7 @@ def s3_run(ray_session, s3_endpoint):
     ]
     lines = [json.dumps(r) for r in rows + bad] + ["", '{"sku": "TRUNC", "image_uri": "s3://cat']
     s3.put_object(Bucket="catalog", Key="manifest.jsonl", Body="\n".join(lines).encode())
-    cfg = RunConfig(manifest="s3://catalog/manifest.jsonl", recipes=("marketplace-main", "enhance"), output="s3://out/runs", run_id="t1", max_error_rate=0.5)
+    cfg = RunConfig(manifest="s3://catalog/manifest.jsonl", recipes=("marketplace-main", "enhance", "cutout"), output="s3://out/runs", run_id="t1", max_error_rate=0.5)
     summary = run_catalog(cfg)
     return {
         "summary": summary,
@@ -65,8 +71,8 @@ def s3_run(ray_session, s3_endpoint):
 
 def test_every_manifest_row_ends_in_exactly_one_table(s3_run):
     v, e = s3_run["variants"], s3_run["errors"]
-    # 4 good rows x 2 recipes + the traversal sku with 1 recipe
-    assert len(v) == N_GOOD * 2 + 1, [(r["sku"], r["recipe"], r["stage"], r["message"]) for r in e]
+    # 4 good rows x 3 recipes + the traversal sku and the contact sheet with 1 recipe each
+    assert len(v) == N_GOOD * 3 + 2, [(r["sku"], r["recipe"], r["stage"], r["message"]) for r in e]
     assert len({(r["sku"], r["recipe"], r["variant"]) for r in v}) == len(v)
     input_errors = [r for r in e if r["recipe"] is None]
     assert len(input_errors) == 4  # html, missing key, empty sku, truncated line
@@ -116,7 +122,7 @@ def test_run_json_written_last_with_counts_and_versions(s3_run):
     record = json.loads(body)
     assert record["counts"]["variants"] == len(s3_run["variants"])
     assert record["counts"]["errors"] == len(s3_run["errors"])
-    assert set(record["recipes"]) == {"marketplace-main", "enhance"}
+    assert set(record["recipes"]) == {"marketplace-main", "enhance", "cutout"}
     assert record["packages"]["ray"].startswith("2.60")
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in body.decode()  # no credentials in the record
 
@@ -132,3 +138,44 @@ def test_rerun_reproduces_images_and_seeds(s3_run, s3_endpoint):
             other = again[(r["sku"], r["variant"])]
             assert other["output_sha256"] == r["output_sha256"] and other["seed"] == r["seed"]
             assert other["output_uri"].startswith("s3://out/runs/t2/") and other["reused_from"] is None
+
+
+def test_cutouts_are_rgba_at_source_size_with_a_soft_matte(s3_run):
+    s3 = s3_run["s3"]
+    cutouts = [r for r in s3_run["variants"] if r["recipe"] == "cutout" and r["sku"] in s3_run["truth"]]
+    assert len(cutouts) == N_GOOD
+    soft = 0
+    for row in cutouts:
+        truth = s3_run["truth"][row["sku"]]
+        assert row["passed"] and row["format"] == "PNG", row["reasons"]
+        assert row["model"] == ["builtin:u2netp"] and len(row["model_sha256"][0]) == 64
+        assert row["score_mask_confidence"] >= 0.5
+        body = s3.get_object(Bucket="out", Key=row["output_uri"].removeprefix("s3://out/"))["Body"].read()
+        with Image.open(io.BytesIO(body)) as im:
+            assert im.mode == "RGBA" and im.size == (truth.photo.shape[1], truth.photo.shape[0])
+            rgba = np.asarray(im)
+        alpha = rgba[..., 3]
+        inter = ((alpha >= 128) & (truth.mask > 0)).sum()
+        assert inter / ((alpha >= 128) | (truth.mask > 0)).sum() > 0.95
+        soft += int(((alpha > 0) & (alpha < 255)).sum())
+        assert (rgba[alpha == 0][:, :3] == 0).all()  # no hidden backdrop under full transparency
+    assert soft > 0  # soft edges where the photo's edges are soft (a box's straight edges may be crisp)
+    # Every variant that went through segmentation carries the confidence; others do not.
+    for row in s3_run["variants"]:
+        if row["recipe"] == "enhance":
+            assert row["score_mask_confidence"] is None
+        else:
+            assert row["score_mask_confidence"] is not None, row
+
+
+def test_a_doubtful_cutout_goes_to_rejected_and_the_report_lists_it(s3_run):
+    (row,) = [r for r in s3_run["variants"] if r["sku"] == "SHEET-1"]
+    assert not row["passed"] and row["score_mask_confidence"] < 0.5
+    assert row["output_uri"].startswith("s3://out/runs/t1/rejected/")
+    assert any(x.startswith("score_mask_confidence") for x in row["reasons"]), row["reasons"]
+    published = s3_run["s3"].list_objects_v2(Bucket="out", Prefix="runs/t1/images/")["Contents"]
+    assert not [o for o in published if "SHEET-1" in o["Key"]]
+    report = s3_run["s3"].get_object(Bucket="out", Key="runs/t1/report.html")["Body"].read().decode()
+    review = report.split("<table id='review'>")[1].split("</table>")[0]
+    assert "data-sku='SHEET-1'" in review
+    assert all(f"data-sku='{sku}'" not in review for sku in s3_run["truth"])
