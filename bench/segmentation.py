@@ -1,6 +1,6 @@
 """Product segmentation on real photos with human masks: IoU, confidence gate, cost.
 
-    python bench/segmentation.py [--data ../shared/segmentation] [--only default,grabcut] [--json out.json]
+    python bench/segmentation.py [--data ../shared/segmentation] [--only 'default;grabcut'] [--json out.json]
 
 For each configuration of `remove_background` it prints mean / median IoU, the share of photos
 under 0.5 and at or over 0.8, milliseconds per photo on this machine (one thread, the way a Ray
@@ -35,13 +35,17 @@ GATE = 0.5  # the `score_mask_confidence: {min: 0.5}` of the built-in recipes
 # no flip, no clean-up, the probability map resized to the photo; the rest add one idea each.
 CONFIGS: dict[str, dict] = {
     "grabcut": {"method": "grabcut"},
-    "raw": {"scales": [1.0], "flip": False, "min_island": 0, "refine_radius": 0, "ramp": 0.5},
-    "flip": {"scales": [1.0], "flip": True, "min_island": 0, "refine_radius": 0, "ramp": 0.5},
-    "scales": {"scales": [0.8, 1.0, 1.2], "flip": False, "min_island": 0, "refine_radius": 0, "ramp": 0.5},
-    "flip+scales": {"scales": [0.8, 1.0, 1.2], "flip": True, "min_island": 0, "refine_radius": 0, "ramp": 0.5},
-    "flip+scales+islands": {"scales": [0.8, 1.0, 1.2], "flip": True, "refine_radius": 0, "ramp": 0.5},
-    "flip+scales+islands+guided": {"scales": [0.8, 1.0, 1.2], "flip": True, "ramp": 0.5},
+    "raw": {"scales": [1.0], "flip": False, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "flip": {"scales": [1.0], "flip": True, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "scales": {"scales": [0.8, 1.0, 1.2], "flip": False, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "flip+scales": {"scales": [0.8, 1.0, 1.2], "flip": True, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "flip+scales+islands": {"scales": [0.8, 1.0, 1.2], "flip": True, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "flip+scales+islands+guided r4": {"scales": [0.8, 1.0, 1.2], "flip": True, "refine_radius": 4, "ramp": 0.5, "threshold": 0.5},
+    "flip+scales+islands+guided r2": {"scales": [0.8, 1.0, 1.2], "flip": True, "ramp": 0.5, "threshold": 0.5},
     "default": {},
+    "default+min_island=0.25": {"min_island": 0.25},
+    "default, scales 0.9/1.1": {"scales": [0.9, 1.1]},
+    "default, scales 0.8/1.2": {"scales": [0.8, 1.2]},
 }
 
 
@@ -94,7 +98,7 @@ def evaluate(params: dict, photos) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "segmentation"))
-    ap.add_argument("--only", default="", help="comma-separated configuration names")
+    ap.add_argument("--only", default="", help="configuration names, separated by ';'")
     ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args()
     data = pathlib.Path(args.data)
@@ -103,7 +107,7 @@ def main() -> int:
         return 2
     cv2.setNumThreads(1)
     photos = list(load(data))
-    names = [n for n in args.only.split(",") if n] or list(CONFIGS)
+    names = [n for n in args.only.split(";") if n] or list(CONFIGS)
     results = {}
     for name in names:
         results[name] = r = evaluate(CONFIGS[name], photos)

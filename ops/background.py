@@ -32,10 +32,11 @@ class RemoveBackgroundConfig(OpConfig):
     scales: tuple[float, ...] = Field((0.8, 1.0, 1.2), min_length=1, max_length=6, description="input sizes as multiples of the model's own, averaged")
     flip: bool = Field(True, description="also look at the mirrored photo and average")
     min_island: float = Field(0.1, ge=0, lt=1, description="drop mask pieces with less probability mass than this share of the largest piece")
+    threshold: float = Field(0.45, gt=0, lt=1, description="averaged probability where the matte is 50% (the hard mask's edge)")
     ramp: float = Field(0.4, gt=0, le=1, description="width of the matte's soft band in probability units (smaller = harder edge)")
     batch_size: int = Field(8, ge=1, le=256, description="passes per model call")
     use_source_alpha: bool = Field(True, description="a transparent source already has its mask: keep it")
-    refine_radius: int = Field(4, ge=0, le=32, description="guided-filter radius for edges that follow the photo, in model pixels (0 = none)")
+    refine_radius: int = Field(2, ge=0, le=32, description="guided-filter radius for edges that follow the photo, in model pixels (0 = none)")
     # method: grabcut only
     work_side: int = Field(512, ge=128, le=2048, description="grabcut: runs at this longer side, then the mask is upsampled")
     iterations: int = Field(5, ge=1, le=20, description="grabcut: iterations")
@@ -113,8 +114,9 @@ class RemoveBackground(Op):
         out = []
         for image, maps in zip(images, self._model.predict(images, self._passes, side)):
             prob = fuse(maps)
+            # Confidence reads the probability map itself (P > 0.5), not where the matte's edge sits.
             confidence = mask_confidence(prob)
-            alpha = to_matte(drop_islands(prob, c.min_island), image, refine_radius=c.refine_radius, ramp=c.ramp)
+            alpha = to_matte(drop_islands(prob, c.min_island, c.threshold), image, refine_radius=c.refine_radius, ramp=c.ramp, threshold=c.threshold)
             if not (alpha > 127).any():
                 raise OpInputError("no product found: the segmentation model sees no foreground object in this photo")
             out.append(Matte(alpha=alpha, confidence=confidence))

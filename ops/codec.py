@@ -17,6 +17,8 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from ops.base import NO_MASK, OpInputError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: well above any catalog photo, far below a bomb
+# An alpha channel is a product cutout only when at least this share of the frame is transparent.
+MIN_CUTOUT_TRANSPARENCY = 0.01
 
 # PIL's own bomb check raises at 2x its limit and only warns below; we check ourselves on the
 # header with the configured limit, so disable PIL's to get one consistent message.
@@ -28,7 +30,7 @@ _SRGB = ImageCms.createProfile("sRGB")
 @dataclasses.dataclass(frozen=True)
 class Decoded:
     image: np.ndarray  # HxWx3 uint8, sRGB
-    alpha: np.ndarray  # HxW uint8 when the source had transparency, else NO_MASK
+    alpha: np.ndarray  # HxW uint8 when the source is a cutout (>= 1% transparent), else NO_MASK
     source_format: str
     source_mode: str
     notes: tuple[str, ...] = ()
@@ -66,13 +68,21 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, backgroun
         raise OpInputError(f"the {source_format} data is damaged or truncated ({exc}); re-export the photo") from None
 
     rgb, alpha = _to_srgb(img, icc)
+    mask = NO_MASK
     if alpha is not None:
         bg = Image.new("RGB", rgb.size, tuple(background))
         bg.paste(rgb, mask=alpha)
         rgb = bg
+        mask = np.asarray(alpha, dtype=np.uint8).copy()
+        transparent = float(np.mean(mask < 128))
+        if transparent < MIN_CUTOUT_TRANSPARENCY:
+            # Opaque but for a rim or a corner: not a cutout, so the product mask must come
+            # from segmentation rather than from this alpha.
+            notes.append(f"alpha channel ignored as a mask: only {transparent:.2%} of the pixels are transparent")
+            mask = NO_MASK
     return Decoded(
         image=np.asarray(rgb, dtype=np.uint8).copy(),
-        alpha=np.asarray(alpha, dtype=np.uint8).copy() if alpha is not None else NO_MASK,
+        alpha=mask,
         source_format=source_format,
         source_mode=source_mode,
         notes=tuple(notes),

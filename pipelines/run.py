@@ -30,6 +30,7 @@ import time
 from cluster.connect import connect
 from cluster.resources import apply_data_context, plan_resources
 from ops.codec import DEFAULT_MAX_PIXELS
+from ops.environment import check_opencv_contrib
 from ops.models import ModelError, ModelInfo
 from pipelines.manifest import check_columns
 from pipelines.model_store import ModelStore
@@ -134,8 +135,9 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     output = cfg.output.rstrip("/")
     run_prefix = join(output, run_id)
 
-    # 1. Everything that can be checked before work: not already committed, recipes load,
-    #    the manifest has its columns, every model exists and fits its op.
+    # 1. Everything that can be checked before work: the OpenCV build, not already committed,
+    #    recipes load, the manifest has its columns, every model exists and fits its op.
+    check_opencv_contrib()
     if exists(join(run_prefix, RUN_RECORD), storage):
         raise ValueError(f"run {run_id!r} is already committed at {redact(run_prefix)}; choose a new --run-id (nightly jobs: the date)")
     base = RunContext(run_id=run_id, output=output, recipe_refs=tuple(cfg.recipes), storage=storage, max_pixels=cfg.max_pixels, model_cache=cfg.model_cache)

@@ -102,3 +102,33 @@ def test_encode_roundtrip_formats():
         assert psnr(back, arr) > (100 if fmt == "PNG" else 30)
     with pytest.raises(OpInputError, match="unknown output format"):
         encode_image(arr, "BMP")
+
+
+def test_alpha_output_is_rgba_and_jpeg_refuses_it():
+    arr = _gradient()
+    alpha = np.zeros(arr.shape[:2], np.uint8)
+    alpha[8:40, 10:50] = 255
+    alpha[8:40, 10] = 128  # a soft edge column
+    png = Image.open(io.BytesIO(encode_image(arr, "PNG", alpha=alpha)))
+    assert png.mode == "RGBA" and np.array_equal(np.asarray(png)[..., 3], alpha)
+    rgba = np.asarray(png)
+    assert (rgba[alpha == 0][:, :3] == 0).all() and np.array_equal(rgba[alpha == 255][:, :3], arr[alpha == 255])
+    webp = np.asarray(Image.open(io.BytesIO(encode_image(arr, "WEBP", 95, alpha=alpha))))
+    assert webp.shape[2] == 4 and np.abs(webp[..., 3].astype(int) - alpha).max() <= 2
+    with pytest.raises(OpInputError, match="JPEG has no alpha channel"):
+        encode_image(arr, "JPEG", alpha=alpha)
+    with pytest.raises(OpInputError, match="alpha is 3x3"):
+        encode_image(arr, "PNG", alpha=np.zeros((3, 3), np.uint8))
+
+
+def test_an_opaque_alpha_with_a_transparent_rim_is_not_a_cutout():
+    rgba = np.dstack([_gradient(200, 200), np.full((200, 200), 255, np.uint8)])
+    rgba[0, :, 3] = 0  # one transparent row: 0.5% of the frame
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    decoded = decode_image(buf.getvalue())
+    assert decoded.alpha.size == 0 and any("alpha channel ignored" in n for n in decoded.notes)
+    rgba[:, :20, 3] = 0  # a real cutout: 10% transparent
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    assert decode_image(buf.getvalue()).alpha.shape == (200, 200)

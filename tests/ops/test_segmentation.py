@@ -194,3 +194,16 @@ def test_real_photos_with_human_masks(default_op):
     assert (conf[good] >= 0.5).mean() >= 0.8, (np.round(conf[good], 2), np.round(ious[good], 2))
     if bad.any():
         assert conf[bad].mean() < conf[good].mean()
+
+
+def test_a_plain_opencv_build_stops_the_run_with_the_fix(monkeypatch):
+    import types
+
+    import cv2
+
+    from ops.environment import OpenCVBuildError, check_opencv_contrib
+
+    check_opencv_contrib()  # this install: the contrib build
+    monkeypatch.setattr(cv2, "ximgproc", types.SimpleNamespace())  # what the plain build's stubs leave
+    with pytest.raises(OpenCVBuildError, match=r"cv2.ximgproc.guidedFilter missing.*--force-reinstall --no-deps opencv-contrib-python-headless"):
+        check_opencv_contrib()

@@ -55,6 +55,10 @@ def test_recipe_hash_changes_with_params_and_covers_defaults(tmp_path):
         ({"name": "r", "ops": []}, "ops"),
         ({"name": "r", "ops": [{"op": "sharpen"}], "gate": {"score_bogus": {"min": 1}}}, "score_bogus"),
         ({"name": "../x", "ops": [{"op": "sharpen"}]}, "name"),
+        ({"name": "r", "ops": [{"op": "remove_background"}], "output": {"format": "JPEG", "alpha": True}}, "output.alpha needs PNG or WEBP"),
+        ({"name": "r", "ops": [{"op": "sharpen"}], "output": {"format": "PNG", "alpha": True}}, "add remove_background"),
+        ({"name": "r", "ops": [{"op": "remove_background", "params": {"model": "/m/mine.onnx"}}]}, "set remove_background's model_type"),
+        ({"name": "r", "ops": [{"op": "remove_background", "params": {"scales": [0.1]}}]}, "scales must each be within"),
     ],
 )
 def test_bad_recipes_name_the_problem(tmp_path, recipe, message):
