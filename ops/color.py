@@ -23,6 +23,9 @@ def linear_to_srgb(lin: np.ndarray) -> np.ndarray:
     return np.clip(y * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+_SRGB_TO_LINEAR = srgb_to_linear(np.arange(256, dtype=np.uint8))  # float64, one entry per 8-bit value
+
+
 class WhiteBalanceConfig(OpConfig):
     method: Literal["gray_world", "white_patch"] = "gray_world"
     strength: float = Field(1.0, ge=0, le=1, description="0 = unchanged, 1 = full correction")
@@ -46,10 +49,14 @@ class WhiteBalance(Op):
 
     def apply(self, item: Item) -> Item:
         c = self.config
-        lin = srgb_to_linear(item.image)
-        sample = lin[::2, ::2].reshape(-1, 3) if not has_mask(item.mask) else lin[item.mask < 128]
-        if sample.shape[0] < 100:
-            sample = lin.reshape(-1, 3)
+        img = item.image
+        # 8 bits in, 8 bits out: linearise the sample through a 256-entry table, and apply the
+        # gains as one lookup table per channel (the same values as converting every pixel to
+        # linear float and back, without a float copy of the image).
+        pixels = img[::2, ::2].reshape(-1, 3) if not has_mask(item.mask) else img[item.mask < 128]
+        if pixels.shape[0] < 100:
+            pixels = img.reshape(-1, 3)
+        sample = _SRGB_TO_LINEAR[pixels]
         # Clipped pixels carry no colour information.
         sample = sample[(sample.max(axis=1) < 0.98) & (sample.min(axis=1) > 0.003)]
         if sample.shape[0] < 100:
@@ -57,7 +64,8 @@ class WhiteBalance(Op):
         gains = self._white_patch(sample) if c.method == "white_patch" else self._gray_world(sample)
         gains = np.clip(gains, 1 / c.max_gain, c.max_gain)
         gains = 1.0 + c.strength * (gains - 1.0)
-        return item.with_image(linear_to_srgb(lin * gains))
+        lut = np.stack([linear_to_srgb(_SRGB_TO_LINEAR * g) for g in gains], axis=1)  # 256 x 3
+        return item.with_image(cv2.LUT(img, lut.reshape(256, 1, 3)))
 
     def _gray_world(self, sample: np.ndarray) -> np.ndarray:
         # Start from no correction and average only the least chromatic pixels: under a cast
