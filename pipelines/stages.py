@@ -132,6 +132,13 @@ def _add_node(row: dict) -> None:
     row["nodes"] = json.dumps(json.loads(row.get("nodes") or "[]") + [node_id()])
 
 
+def add_seconds(row: dict, label: str, seconds: float) -> None:
+    """Charge worker-seconds to one op of the row's cost profile (`op_seconds`)."""
+    spent = json.loads(row.get("op_seconds") or "{}")
+    spent[label] = spent.get(label, 0.0) + seconds
+    row["op_seconds"] = json.dumps(spent)
+
+
 def derive_seed(sku: str, recipe: str, variant: int, attempt: int = 0) -> int:
     """Stable 63-bit seed: a rerun of the same (sku, recipe, variant, attempt) reproduces it."""
     digest = hashlib.sha256(f"{sku}\x00{recipe}\x00{variant}\x00{attempt}".encode("utf-8", "surrogatepass")).digest()
@@ -150,7 +157,7 @@ def score_context(row: dict) -> dict:
 
 _TEXT_COLUMNS = frozenset({
     "sku", "source_uri", "title", "category", "attributes", "recipe", "segment", "source_sha256", "source_etag",
-    "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "source_phash", "model_scores", "op_scores", "error", "stage", "error_type",
+    "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "source_phash", "model_scores", "op_scores", "op_seconds", "error", "stage", "error_type",
 })  # fmt: skip
 
 
@@ -288,14 +295,15 @@ WORK_KEYS = [
     "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "attempt", "segment", "seed", "source_sha256",
     "source_etag", "source_size", "input_sha256", "state_key", "reuse", "source_phash",
     "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models", "nodes",
-    "model_scores", "op_scores", "error", "stage", "error_type",
+    "model_scores", "op_scores", "op_seconds", "error", "stage", "error_type",
 ]  # fmt: skip
 # `models` is a JSON list of [reference, sha256] pairs, one per model-backed step the row
 # went through, `nodes` a JSON list of the Ray node ids that worked on the row (decode, each
 # pool stage, finish), and `reuse` the JSON list of prior rows (one per gate attempt) this row
 # carries forward ('' when the row is generated), `model_scores` the JSON scores a scorer pool
 # computed (unset: Finish computes them), `op_scores` the JSON `score_*` values ops measured on
-# the way (Item.scores, e.g. score_mask_confidence): strings, so they survive Ray's numpy <-> Arrow
+# the way (Item.scores, e.g. score_mask_confidence), `op_seconds` the JSON worker-seconds spent
+# on the row per op ("decode", each op's name, "finish"): strings, so they survive Ray's numpy <-> Arrow
 # conversions unchanged.
 
 
@@ -316,7 +324,7 @@ class DecodeAndExpand:
         out = []
         for row in table.to_pylist():
             base = {k: row.get(k) for k in self._BASE}
-            base.update(recipe="", variant=-1, attempt=1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", op_scores="{}", state_key="", reuse="",
+            base.update(recipe="", variant=-1, attempt=1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", op_scores="{}", op_seconds="{}", state_key="", reuse="",
                         nodes=json.dumps([node_id()]), source_phash="")  # fmt: skip
             base.update(source=EMPTY_IMAGE, image=EMPTY_IMAGE, mask=NO_MASK, affine=identity_affine(), overlay_mask=NO_MASK)
             if base["error"]:
@@ -360,6 +368,7 @@ class DecodeAndExpand:
             for w in work:
                 if not w["reuse"]:
                     w.update(source=decoded.image, image=decoded.image, mask=decoded.alpha, overlay_mask=overlay, duration_s=decode_s, notes=notes,
+                             op_seconds=json.dumps({"decode": decode_s}),
                              source_phash=source_phash)  # fmt: skip
                 out.append(w)
         return _columns(out, WORK_KEYS)
@@ -460,12 +469,12 @@ class RunSteps:
             results = op(self._op_batch(rows))
             per_row = (time.perf_counter() - t0) / len(rows)
             for i, r in enumerate(rows):
-                self._take(r, results, i, per_row)
+                self._take(r, results, i, per_row, op.name)
         except Exception:  # noqa: BLE001 - isolate the failing row(s)
             for r in rows:
                 t1 = time.perf_counter()
                 try:
-                    self._take(r, op(self._op_batch([r])), 0, time.perf_counter() - t1)
+                    self._take(r, op(self._op_batch([r])), 0, time.perf_counter() - t1, op.name)
                 except Exception as exc:  # noqa: BLE001
                     _fail(r, stage, exc)
 
@@ -486,7 +495,7 @@ class RunSteps:
         return batch_of(cls._op_batch_items(rows), {"image": None, **ctx_cols})
 
     @staticmethod
-    def _take(row: dict, results: Batch, i: int, seconds: float) -> None:
+    def _take(row: dict, results: Batch, i: int, seconds: float, op_name: str) -> None:
         image = results["image"][i]
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 and image.size):
             raise OpInputError(f"op returned an invalid image ({getattr(image, 'shape', type(image))})")
@@ -495,6 +504,7 @@ class RunSteps:
             row["op_scores"] = json.dumps({k: float(v) for k, v in (results["scores"][i] or {}).items()})
         row["next_step"] = int(row["next_step"]) + 1
         row["duration_s"] = float(row["duration_s"]) + seconds
+        add_seconds(row, op_name, seconds)
 
 
 class Finish:
@@ -571,6 +581,8 @@ class Finish:
         h, w = image.shape[:2]
         models = json.loads(r["models"] or "[]")
         _add_node(r)
+        finish_s = time.perf_counter() - t0
+        add_seconds(r, "finish", finish_s)
         return {
             "kind": "variant",
             "run_id": self.ctx.run_id,
@@ -599,7 +611,8 @@ class Finish:
             "reasons": reasons,
             "notes": r["notes"] or "",
             **scores,
-            "duration_s": float(r["duration_s"]) + (time.perf_counter() - t0),
+            "duration_s": float(r["duration_s"]) + finish_s,
+            "op_seconds": sorted(json.loads(r["op_seconds"]).items()),
             "source_phash": r["source_phash"] or None,
             "ai_generated": generated,
             "watermark_id": f"{wid:08x}" if wid is not None else None,

@@ -179,3 +179,18 @@ def test_a_doubtful_cutout_goes_to_rejected_and_the_report_lists_it(s3_run):
     review = report.split("<table id='review'>")[1].split("</table>")[0]
     assert "data-sku='SHEET-1'" in review
     assert all(f"data-sku='{sku}'" not in review for sku in s3_run["truth"])
+
+
+def test_every_variant_says_where_its_worker_seconds_went_and_the_report_sums_them(s3_run):
+    for row in s3_run["variants"]:
+        spent = dict(row["op_seconds"])
+        assert {"decode", "finish"} <= set(spent) and all(s >= 0 for s in spent.values()), spent
+        assert abs(sum(spent.values()) - row["duration_s"]) < 1e-6 * max(1.0, row["duration_s"])
+        if row["recipe"] == "marketplace-main":
+            assert {"white_balance", "remove_background", "compose"} <= set(spent)
+    report = s3_run["s3"].get_object(Bucket="out", Key="runs/t1/report.html")["Body"].read().decode()
+    cost = report.split("<table id='cost'>")[1].split("</table>")[0]
+    assert "data-op='remove_background'" in cost and "data-op='decode'" in cost
+    mean_total = np.mean([r["duration_s"] for r in s3_run["variants"]])
+    shown = float(report.split("id='cost-per-variant'>")[1].split("<")[0])
+    assert abs(shown - mean_total) < 0.01 + 0.01 * mean_total

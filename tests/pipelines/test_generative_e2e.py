@@ -74,8 +74,9 @@ def test_scene_restyle_outpaint_upscale_recipe_end_to_end(ray_session, tmp_path,
 
     inpaint_sha = content_sha256(tiny_models["sd_inpaint"])
     for r in (r for r in rows if r["recipe"] == "studio"):
-        assert r["model"] == [s3_models["inpaint"], s3_models["sd"], s3_models["inpaint"], s3_models["esrgan"]]
-        assert r["model_sha256"][0] == inpaint_sha == r["model_sha256"][2]
+        # remove_background's embedded segmentation model first, then the generative steps'.
+        assert r["model"] == ["builtin:u2netp", s3_models["inpaint"], s3_models["sd"], s3_models["inpaint"], s3_models["esrgan"]]
+        assert r["model_sha256"][1] == inpaint_sha == r["model_sha256"][3]
         # 128 px square -> outpaint 4:5 -> 128x160 -> x2.
         assert (r["width"], r["height"]) == (256, 320)
         assert Image.open(r["output_uri"]).size == (256, 320)

@@ -56,3 +56,33 @@ def test_gpu_op_on_a_cluster_without_gpus_fails_before_work(ray_session, tmp_pat
     with pytest.raises(ValueError, match="needs 4 GPU per actor but the cluster has 1"):
         run_catalog(cfg)
     assert not (tmp_path / "o" / "x").exists()
+
+
+def test_segmentation_on_a_gpu_pool_batches_and_matches_the_cpu_cutout(ray_session, tmp_path):
+    """remove_background declared on GPUs runs on its own actor pool, several rows per model
+    call (onnxruntime uses CUDA where onnxruntime-gpu is installed; these logical GPUs have
+    none, so the same session runs on the CPU) and gives the CPU path's matte and confidence."""
+
+    def cutout(name, gpus):
+        step = {"op": "remove_background"}
+        if gpus:
+            step.update(resources={"gpus": gpus, "cpus": 0.5}, pool={"min_size": 1, "max_size": 1}, batch_size=3)
+        spec = {"name": name, "ops": [step], "output": {"format": "PNG", "alpha": True}, "gate": {"score_mask_confidence": {"min": 0.5}}}
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(json.dumps(spec))
+        return str(p)
+
+    gpu, cpu = load_recipe(cutout("seg-gpu", 0.5)), load_recipe(cutout("seg-cpu", 0))
+    assert [s.label for s in stage_sequence([gpu])][0].startswith("pool:remove_background:")
+    manifest = write_sample_catalog(tmp_path / "cat", 3)
+    out = tmp_path / "out"
+    summary = run_catalog(RunConfig(manifest=str(manifest), recipes=(cutout("seg-gpu", 0.5), cutout("seg-cpu", 0)), output=str(out), run_id="s"))
+    assert summary.errors == 0 and summary.variants == 6
+    by = {(r["sku"], r["recipe"]): r for r in pq.read_table(out / "s" / "variants").to_pylist()}
+    for sku in {s for s, _ in by}:
+        a, b = by[(sku, "seg-gpu")], by[(sku, "seg-cpu")]
+        alpha_a = np.asarray(Image.open(a["output_uri"]))[..., 3].astype(int)
+        alpha_b = np.asarray(Image.open(b["output_uri"]))[..., 3].astype(int)
+        assert np.abs(alpha_a - alpha_b).max() <= 2  # batched vs one-by-one model calls
+        assert abs(a["score_mask_confidence"] - b["score_mask_confidence"]) < 1e-3
+        assert a["model"] == b["model"] == ["builtin:u2netp"]
