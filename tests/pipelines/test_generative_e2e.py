@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ops.models import ModelError, content_sha256
+from ops.models import BUILTIN_MODELS, ModelError, content_sha256
 from ops.provenance import DIGITAL_SOURCE_TYPE, read_watermark, read_xmp
 from pipelines.plan import stage_sequence
 from pipelines.recipes import load_recipe
@@ -83,7 +83,7 @@ def test_scene_restyle_outpaint_upscale_recipe_end_to_end(ray_session, tmp_path,
         assert math.isfinite(r["score_fidelity_ciede2000"])
     ads_rows = [r for r in rows if r["recipe"] == "ads"]
     for r in ads_rows:
-        assert r["segment"] in ("outdoor", "office") and r["model_sha256"] == [inpaint_sha]
+        assert r["segment"] in ("outdoor", "office") and r["model_sha256"] == [BUILTIN_MODELS["u2netp"].sha256, inpaint_sha]
         # The product is the source's own pixels after the generator: invisible colour change.
         assert r["score_fidelity_ciede2000"] < 1.0
     by_sku: dict[str, set] = {}
@@ -117,9 +117,12 @@ def test_scene_restyle_outpaint_upscale_recipe_end_to_end(ray_session, tmp_path,
     run_catalog(RunConfig(manifest=str(manifest), recipes=(ads,), output=str(tmp_path / "out"), run_id="again", model_cache=str(cache), full=True))
     again = {(r["sku"], r["segment"]): r for r in pq.read_table(tmp_path / "out" / "again" / "variants").to_pylist()}
     for r in ads_rows:
-        a = np.asarray(Image.open(r["output_uri"]))
-        b = np.asarray(Image.open(again[(r["sku"], r["segment"])]["output_uri"]))
-        assert np.array_equal(a, b)
+        a = np.asarray(Image.open(r["output_uri"])).astype(int)
+        b = np.asarray(Image.open(again[(r["sku"], r["segment"])]["output_uri"])).astype(int)
+        # Run "gen" also ran the studio recipe, so Ray batched these rows differently; with the
+        # learned mask that moves a handful of edge pixels by up to 2/255 (a rerun with the same
+        # recipes is bit-identical: tests/ops/test_segmentation.py and the incremental tests).
+        assert np.abs(a - b).max() <= 2 and (a != b).mean() < 0.002, (np.abs(a - b).max(), (a != b).mean())
     assert len(downloads) == len((cache / "downloads.log").read_text().splitlines())  # no new download
     assert all(r["reused_from"] is None for r in again.values())
 

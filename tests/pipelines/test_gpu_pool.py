@@ -59,9 +59,10 @@ def test_gpu_op_on_a_cluster_without_gpus_fails_before_work(ray_session, tmp_pat
 
 
 def test_segmentation_on_a_gpu_pool_batches_and_matches_the_cpu_cutout(ray_session, tmp_path):
-    """remove_background declared on GPUs runs on its own actor pool, several rows per model
-    call (onnxruntime uses CUDA where onnxruntime-gpu is installed; these logical GPUs have
-    none, so the same session runs on the CPU) and gives the CPU path's matte and confidence."""
+    """remove_background declared on GPUs runs on its own actor pool, several rows per op call
+    (onnxruntime uses CUDA where onnxruntime-gpu is installed, batching rows together; these
+    logical GPUs have none, so the same session runs on the CPU) and gives the CPU path's matte
+    and confidence."""
 
     def cutout(name, gpus):
         step = {"op": "remove_background"}
@@ -83,6 +84,6 @@ def test_segmentation_on_a_gpu_pool_batches_and_matches_the_cpu_cutout(ray_sessi
         a, b = by[(sku, "seg-gpu")], by[(sku, "seg-cpu")]
         alpha_a = np.asarray(Image.open(a["output_uri"]))[..., 3].astype(int)
         alpha_b = np.asarray(Image.open(b["output_uri"]))[..., 3].astype(int)
-        assert np.abs(alpha_a - alpha_b).max() <= 2  # batched vs one-by-one model calls
-        assert abs(a["score_mask_confidence"] - b["score_mask_confidence"]) < 1e-3
+        assert np.array_equal(alpha_a, alpha_b)  # on CUDA, cross-row batches may move it by 2/255
+        assert a["score_mask_confidence"] == b["score_mask_confidence"]
         assert a["model"] == b["model"] == ["builtin:u2netp"]
