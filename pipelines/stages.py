@@ -612,7 +612,7 @@ class Finish:
             "notes": r["notes"] or "",
             **scores,
             "duration_s": float(r["duration_s"]) + finish_s,
-            "op_seconds": sorted(json.loads(r["op_seconds"]).items()),
+            "op_seconds": json.loads(r["op_seconds"]),
             "source_phash": r["source_phash"] or None,
             "ai_generated": generated,
             "watermark_id": f"{wid:08x}" if wid is not None else None,

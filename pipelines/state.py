@@ -190,6 +190,9 @@ def carried_row(prior: dict[str, Any], run_id: str, source_uri: str) -> dict[str
     """A reused variant as a row of this run: same image object and scores; `reused_from`
     names the run that generated it (rows from this run's own earlier attempts keep theirs)."""
     row = {k: v for k, v in prior.items() if k != "origin"}
+    if isinstance(row.get("op_seconds"), list):
+        # A map column comes back from Parquet (and through JSON) as [key, value] pairs.
+        row["op_seconds"] = dict(row["op_seconds"])
     if prior.get("origin") == "committed":
         row["reused_from"] = prior.get("reused_from") or prior.get("run_id")
         row["run_attempt"] = None
