@@ -116,7 +116,7 @@ def sample_catalog(
 @app.command()
 def demo(
     output: Path = typer.Option(Path("demo-out"), help="directory for the sample catalog and the run's outputs"),
-    count: int = typer.Option(40, min=1, max=1000),
+    count: int = typer.Option(30, min=1, max=1000),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Sample catalog + the two example recipes on a local Ray. No cluster or cloud; the only
