@@ -48,12 +48,12 @@ class Compose(Op):
     version = "2"
     Config = ComposeConfig
     model_fields = ("upscale_model",)
+    _sr = None  # the super-resolution op, set up by setup() when the recipe names a model
 
     def check_model(self, field: str, info: ModelInfo) -> None:
         self._upscaler().check_model("model", info)
 
     def setup(self) -> None:
-        self._sr = None
         if self.config.upscale_model:
             self._sr = self._upscaler()
             self._sr.bind_models({"model": self.models["upscale_model"]})
@@ -89,7 +89,7 @@ class Compose(Op):
 
         # 2. Enlargement by a super-resolution model when the recipe has one: the product's
         #    region only, then the move below scales the rest of the way (the affine follows).
-        if getattr(self, "_sr", None) is not None and s > _SR_FROM:
+        if self._sr is not None and s > _SR_FROM:
             item = self._super_resolve(item, bbox)
             x0, y0, x1, y1 = mask_bbox(item.mask) or (0, 0, item.image.shape[1], item.image.shape[0])
             bw, bh = x1 - x0, y1 - y0

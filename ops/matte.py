@@ -15,8 +15,8 @@ the maps are averaged in the model's square frame. Then:
    a sliver of backdrop); on real photos it measured +0.005 mean IoU over 0.5.
 
 `mask_confidence` (0..1) says how much the matte can be trusted. Its core is how sure the model
-is about the region it calls product (the mean probability inside the 0.5 mask, over all
-passes, where it is over 0.5): a model that found one clear object is near 1 there; a map where several objects or a
+is about the region it calls product (the mean of the averaged probability where it is over
+0.5): a model that found one clear object is near 1 there; a map where several objects or a
 textured scene compete is grey inside. Degenerate masks (nothing, a speck, the whole frame)
 score 0 whatever the probabilities say. Measured on real photos in docs/benchmarks.md.
 """
