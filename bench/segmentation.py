@@ -35,17 +35,20 @@ GATE = 0.5  # the `score_mask_confidence: {min: 0.5}` of the built-in recipes
 # no flip, no clean-up, the probability map resized to the photo; the rest add one idea each.
 CONFIGS: dict[str, dict] = {
     "grabcut": {"method": "grabcut"},
-    "raw": {"scales": [1.0], "flip": False, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
-    "flip": {"scales": [1.0], "flip": True, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
-    "scales": {"scales": [0.8, 1.0, 1.2], "flip": False, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
-    "flip+scales": {"scales": [0.8, 1.0, 1.2], "flip": True, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
-    "flip+scales+islands": {"scales": [0.8, 1.0, 1.2], "flip": True, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
-    "flip+scales+islands+guided r4": {"scales": [0.8, 1.0, 1.2], "flip": True, "refine_radius": 4, "ramp": 0.5, "threshold": 0.5},
-    "flip+scales+islands+guided r2": {"scales": [0.8, 1.0, 1.2], "flip": True, "ramp": 0.5, "threshold": 0.5},
+    "raw": {"escalate_below": None, "scales": [1.0], "flip": False, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "flip": {"escalate_below": None, "scales": [1.0], "flip": True, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "scales": {"escalate_below": None, "scales": [0.8, 1.0, 1.2], "flip": False, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "flip+scales": {"escalate_below": None, "scales": [0.8, 1.0, 1.2], "flip": True, "min_island": 0, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "flip+scales+islands": {"escalate_below": None, "scales": [0.8, 1.0, 1.2], "flip": True, "refine_radius": 0, "ramp": 0.5, "threshold": 0.5},
+    "flip+scales+islands+guided r4": {"escalate_below": None, "scales": [0.8, 1.0, 1.2], "flip": True, "refine_radius": 4, "ramp": 0.5, "threshold": 0.5},
+    "flip+scales+islands+guided r2": {"escalate_below": None, "scales": [0.8, 1.0, 1.2], "flip": True, "ramp": 0.5, "threshold": 0.5},
     "default": {},
-    "default+min_island=0.25": {"min_island": 0.25},
-    "default, scales 0.9/1.1": {"scales": [0.9, 1.1]},
-    "default, scales 0.8/1.2": {"scales": [0.8, 1.2]},
+    "every pass (escalate_below: null)": {"escalate_below": None},
+    "escalate below 0.8": {"escalate_below": 0.8},
+    "escalate below 0.9": {"escalate_below": 0.9},
+    "default+min_island=0.25": {"escalate_below": None, "min_island": 0.25},
+    "default, scales 0.9/1.1": {"escalate_below": None, "scales": [0.9, 1.1]},
+    "default, scales 0.8/1.2": {"escalate_below": None, "scales": [0.8, 1.2]},
 }
 
 

@@ -76,6 +76,14 @@ class ResourcePlan:
             batch_size=min(sizes) if sizes else self.gpu_batch_size,
         )
 
+    def fetch_memory_bytes(self, cluster: dict[str, float]) -> float | None:
+        """Memory one fetch task may use: a CPU's share of the cluster's memory times the CPU
+        a fetch task takes (fetch tasks pack several to a CPU). None when Ray reports none."""
+        memory = cluster.get("memory")
+        if not memory or not self.cluster_cpus:
+            return None
+        return memory / self.cluster_cpus * self.fetch_cpus
+
     def describe(self) -> str:
         return (
             f"cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU (can reach {self.max_gpus if self.max_gpus is not None else self.cluster_gpus:g} GPU); "

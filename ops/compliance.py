@@ -65,6 +65,19 @@ class Subject:
     def bbox(self) -> tuple[int, int, int, int] | None:
         return mask_bbox(self.product * 255)
 
+    @functools.cached_property
+    def darkest(self) -> np.ndarray:
+        """Per pixel, the lowest of R, G, B (a pixel is white only if all three are)."""
+        return self.image.min(axis=2)
+
+    def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """One computation per subject for work several channels' rules share (two channels
+        ask for the same overlay scan; every white-background rule grows the same mask)."""
+        cache = self.__dict__.setdefault("_memo", {})
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
 
 @functools.cache
 def channels() -> dict[str, Channel]:
@@ -127,17 +140,30 @@ def _white_background(s: Subject, border_px: int, min_value: int, max_off_fracti
         # The product's soft edge (any alpha) and the few pixels of blend and sharpening
         # halo around it belong to the product, not the background.
         r = max(3, round(0.005 * max(h, w)))
-        grown = cv2.dilate((s.mask > 0).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
-        outside = ring | ~grown
-    off = img.min(axis=2) < min_value
+        outside = ring | ~s.memo(("grown", r), lambda: _grown_mask(s.mask, r))
+    off = s.darkest < min_value
     frac_ring = float(off[ring].mean())
     frac_out = float(off[outside].mean()) if outside.any() else 0.0
     worst = max(frac_ring, frac_out)
     if worst > max_off_fraction:
         where = "along the border" if frac_ring >= frac_out else "around the product"
-        level = int(np.median(img[ring].min(axis=1)))
+        level = int(np.median(s.darkest[ring]))
         return f"background is not white {where}: {worst:.1%} of pixels below RGB {min_value} (border median {level}); compose on [255, 255, 255]"
     return None
+
+
+def _grown_mask(mask: np.ndarray, r: int) -> np.ndarray:
+    """mask > 0 dilated by a disc of radius r. A disc dilation is slow at large r, so it runs
+    on the mask's box only (a dilation cannot reach further than r outside it)."""
+    out = np.zeros(mask.shape, bool)
+    box = mask_bbox(mask, threshold=1)
+    if box is None:
+        return out
+    h, w = mask.shape
+    x0, y0, x1, y1 = max(0, box[0] - r), max(0, box[1] - r), min(w, box[2] + r), min(h, box[3] + r)
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)
+    out[y0:y1, x0:x1] = cv2.dilate((mask[y0:y1, x0:x1] > 0).astype(np.uint8), disc) > 0
+    return out
 
 
 def _product_fill(s: Subject, min: float) -> str | None:  # noqa: A002 - rule parameter name
@@ -182,9 +208,14 @@ def _aspect(s: Subject, ratio: float, tolerance: float) -> str | None:
 
 
 def _no_overlay(s: Subject, max_fraction: float, reference_sides: tuple[int, ...] = (1024, 512)) -> str | None:
-    """Overlaid text/watermark strokes over the background. The detector's stroke-width limits
-    are in pixels, so it looks at a few reference resolutions (big text shows at the small
-    one, small text at the large one) and the worst fraction counts."""
+    worst = s.memo(("overlay", tuple(reference_sides)), lambda: _overlay_fraction(s, reference_sides))
+    return None if worst <= max_fraction else f"text or watermark strokes cover {worst:.2%} of the image (limit {max_fraction:.2%})"
+
+
+def _overlay_fraction(s: Subject, reference_sides: tuple[int, ...]) -> float:
+    """Share of the frame covered by overlaid text/watermark strokes over the background. The
+    detector's stroke-width limits are in pixels, so it looks at a few reference resolutions
+    (big text shows at the small one, small text at the large one) and the worst counts."""
     worst = 0.0
     for side in reference_sides:
         image, product = s.image, s.product
@@ -199,7 +230,7 @@ def _no_overlay(s: Subject, max_fraction: float, reference_sides: tuple[int, ...
         if has_mask(s.mask):
             found &= cv2.dilate(product, np.ones((9, 9), np.uint8)) == 0
         worst = max(worst, float(found.mean()))
-    return None if worst <= max_fraction else f"text or watermark strokes cover {worst:.2%} of the image (limit {max_fraction:.2%})"
+    return worst
 
 
 def _not_cropped(s: Subject, margin_px: int) -> str | None:
@@ -214,14 +245,18 @@ def _not_cropped(s: Subject, margin_px: int) -> str | None:
 def _no_border(s: Subject, max_band: float, min_contrast: float, min_sides: int) -> str | None:
     """A frame: on `min_sides` edges, a flat band (2 px up to `max_band` of the side) of one
     colour, followed by pixels that differ from it by `min_contrast`."""
-    img = s.image.astype(np.float32)
+    img = s.image
     h, w = img.shape[:2]
-    strips = {"top": img, "bottom": img[::-1], "left": img.transpose(1, 0, 2), "right": img.transpose(1, 0, 2)[::-1]}
-    framed = []
     if min(h, w) < 16:
         return None  # too small to carry a frame
+    # Only the bands the rule can see, as float (not the whole frame).
+    k = max(3, int(max_band * max(h, w))) + 1
+    t = img.transpose(1, 0, 2)
+    strips = {"top": img[:k], "bottom": img[::-1][:k], "left": t[:k], "right": t[::-1][:k]}
+    framed = []
     for side, strip in strips.items():
-        limit = max(3, int(max_band * strip.shape[0]))
+        strip = strip.astype(np.float32)
+        limit = max(3, int(max_band * (h if side in ("top", "bottom") else w)))
         edge = strip[0].mean(axis=0)
         width = 0
         while width < limit and strip[width].std(axis=0).max() < 6 and np.abs(strip[width].mean(axis=0) - edge).max() < 8:

@@ -172,7 +172,8 @@ class Crop(Op):
 
 def mask_bbox(mask: np.ndarray, threshold: int = 128) -> tuple[int, int, int, int] | None:
     """(x0, y0, x1, y1) of mask >= threshold, x1/y1 exclusive; None when empty."""
-    ys, xs = np.nonzero(mask >= threshold)
-    if xs.size == 0:
+    on = mask >= threshold
+    rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
+    if rows.size == 0:
         return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1

@@ -81,6 +81,12 @@ def run(
     etag_check: bool = typer.Option(True, "--etag-check/--no-etag-check", help="skip reading S3 sources whose ETag and size are unchanged"),
     sse: str = typer.Option(None, help="server-side encryption for every S3 write: AES256 or aws:kms"),
     sse_kms_key_id: str = typer.Option(None, help="KMS key id or alias for --sse aws:kms"),
+    source_prefix: list[str] = typer.Option(
+        [], "--source-prefix", help="allowed source prefix (s3://bucket/prefix/ or a local directory); repeatable. Default: the manifest's bucket (S3 manifest) or any local path (local manifest)"
+    ),
+    max_source_mb: float = typer.Option(50.0, min=0.001, help="refuse sources larger than this (checked by HEAD/stat before reading)"),
+    source_timeout: float = typer.Option(60.0, min=0.1, help="seconds one source may take to arrive, retries included"),
+    config: Path = typer.Option(None, "--config", help="YAML file of run options (source_prefix: [...], max_source_mb: 20, ...); flags given on the command line win"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Run recipes over a catalog manifest and write variants + scores as Parquet.
@@ -90,14 +96,42 @@ def run(
     _logging(verbose)
     from pipelines.run import RunConfig, run_catalog
 
+    if config is not None:
+        given = _guarded(lambda: _config_file(config, "run"))
+        source_prefix = list(source_prefix) or list(given.get("source_prefix", []))
+        max_source_mb = given.get("max_source_mb", max_source_mb) if max_source_mb == 50.0 else max_source_mb
+        source_timeout = given.get("source_timeout", source_timeout) if source_timeout == 60.0 else source_timeout
     cfg = RunConfig(
         manifest=manifest, recipes=tuple(recipe), output=output, run_id=run_id, address=address, s3_endpoint=s3_endpoint,
         num_cpus=num_cpus, num_gpus=num_gpus, cpu_batch_size=cpu_batch_size, gpu_batch_size=gpu_batch_size,
         max_gpus=max_gpus, model_cache=model_cache, full=full, max_error_rate=max_error_rate, trust_etag=etag_check, sse=sse,
-        sse_kms_key_id=sse_kms_key_id,
+        sse_kms_key_id=sse_kms_key_id, source_prefixes=tuple(source_prefix), max_source_mb=max_source_mb, source_timeout_s=source_timeout,
     )  # fmt: skip
     summary = _guarded(lambda: run_catalog(cfg))
     _print_summary(summary)
+
+
+# Options a `--config` file may set (the untrusted-source policy: set once per cluster).
+_CONFIG_KEYS = {"source_prefix": list, "max_source_mb": (int, float), "source_timeout": (int, float)}
+
+
+def _config_file(path: Path, command: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--config {path}: cannot read it as YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    for key, value in data.items():
+        if key not in _CONFIG_KEYS:
+            raise ValueError(f"--config {path}: {key!r} is not an option `skustudio {command}` reads from a file; known: {', '.join(_CONFIG_KEYS)}")
+        if key == "source_prefix" and isinstance(value, str):
+            data[key] = value = [value]
+        if not isinstance(value, _CONFIG_KEYS[key]) or isinstance(value, bool):
+            raise ValueError(f"--config {path}: {key} = {value!r} has the wrong type")
+    return data
 
 
 @app.command("sample-catalog")

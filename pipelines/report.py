@@ -35,6 +35,7 @@ from PIL import Image
 from ops.compliance import channels
 from pipelines.schema import ERROR_SCHEMA, VARIANT_SCHEMA
 from pipelines.state import RUN_RECORD
+from pipelines.sources import DEFAULT_MAX_SOURCE_MB, DEFAULT_SOURCE_TIMEOUT_S, SourcePolicy
 from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, exists, join, list_objects, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -346,10 +347,13 @@ def _review_section(data: RunData) -> str:
     )
 
 
-def thumbnail(uri: str, storage: StorageConfig, px: int) -> str:
-    """A data-URI JPEG thumbnail of an image object, or '' when it cannot be read."""
+def thumbnail(uri: str, storage: StorageConfig, px: int, sources: SourcePolicy | None = None) -> str:
+    """A data-URI JPEG thumbnail of an image object, or '' when it cannot be read. A manifest's
+    source is read only through the run's source policy (the report is published: it must
+    not show what the run refused to read)."""
     try:
-        with Image.open(io.BytesIO(read_bytes(uri, storage))) as im:
+        data = sources.read(uri, storage).data if sources is not None else read_bytes(uri, storage)
+        with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (px, px))  # JPEG: decode at reduced size
             if im.mode in ("RGBA", "LA") or "transparency" in im.info:
                 # A cutout: show it on light grey, as editors do, not on black.
@@ -368,6 +372,18 @@ def _img(src: str, alt: str) -> str:
     return f"<img src='{src}' alt='{html.escape(alt)}'>" if src else f"<div class='noimg'>{html.escape(alt)}: unavailable</div>"
 
 
+SOURCE_REFUSALS = ("SourceNotAllowed", "SourceTooLarge", "SourceTimeout")
+
+
+def source_policy_of(record: dict) -> SourcePolicy:
+    """The source policy the run used, rebuilt from its _run.json config."""
+    cfg = record.get("config", {})
+    return SourcePolicy.for_manifest(
+        cfg.get("manifest") or "", tuple(cfg.get("source_prefixes") or ()),
+        max_source_mb=cfg.get("max_source_mb") or DEFAULT_MAX_SOURCE_MB, timeout_s=cfg.get("source_timeout_s") or DEFAULT_SOURCE_TIMEOUT_S,
+    )  # fmt: skip
+
+
 def _sheets_section(data: RunData, storage: StorageConfig, max_skus: int, thumb_px: int) -> str:
     errors_of: dict[str, list[dict]] = defaultdict(list)  # one pass over the error rows, not one per SKU shown
     for r in data.errors:
@@ -381,10 +397,15 @@ def _sheets_section(data: RunData, storage: StorageConfig, max_skus: int, thumb_
     for r in data.variants.filter(pc.is_in(data.variants["sku"], value_set=pa.array(shown, pa.string()))).to_pylist():
         by_sku[r["sku"]].append(r)
     sources = {sku: (by_sku.get(sku) or errors_of.get(sku) or [{}])[0].get("source_uri") for sku in shown}
+    # A source the run refused (not allowed, too large, too slow) is not read for a thumbnail.
+    refused = {r.get("source_uri") for r in data.errors if r.get("error_type") in SOURCE_REFUSALS}
+    policy = source_policy_of(data.record)
     # Thumbnails are many small reads (S3 GETs): fetch them concurrently.
-    uris = {u for u in sources.values() if u} | {r["output_uri"] for sku in shown for r in by_sku.get(sku, []) if r.get("output_uri")}
+    src_uris = {u for u in sources.values() if u and u not in refused}
+    out_uris = {r["output_uri"] for sku in shown for r in by_sku.get(sku, []) if r.get("output_uri")}
     with ThreadPoolExecutor(max_workers=16) as pool:
-        thumbs = dict(zip(uris, pool.map(lambda u: thumbnail(u, storage, thumb_px), uris)))
+        thumbs = dict(zip(src_uris, pool.map(lambda u: thumbnail(u, storage, thumb_px, policy), src_uris)))
+        thumbs.update(zip(out_uris, pool.map(lambda u: thumbnail(u, storage, thumb_px), out_uris)))
     cards = []
     for sku in shown:
         rows = sorted(by_sku.get(sku, []), key=lambda r: (r["recipe"], r["variant"], r.get("attempt") or 1))

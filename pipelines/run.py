@@ -39,6 +39,7 @@ from pipelines.plan import build_dataset, find_duplicate_skus, pool_stages
 from pipelines.duplicates import flag_duplicates
 from pipelines.sink import dedupe_repeated_rows, write_tables
 from pipelines.stages import RunContext
+from pipelines.sources import DEFAULT_MAX_SOURCE_MB, DEFAULT_SOURCE_TIMEOUT_S, SourcePolicy, fetch_threads
 from pipelines.state import JOURNAL, LATEST, RUN_RECORD, PriorState, journal_attempts, load_prior, recipe_fingerprint
 from pipelines.storage import StorageConfig, delete_objects, exists, join, list_objects, redact, write_bytes
 
@@ -72,6 +73,11 @@ class RunConfig:
     trust_etag: bool = True
     sse: str | None = None  # server-side encryption of every S3 write: AES256 or aws:kms
     sse_kms_key_id: str | None = None
+    # Untrusted manifests (pipelines/sources.py): where sources may come from (default: the
+    # manifest's own bucket, or any local path for a local manifest), their size cap and time.
+    source_prefixes: tuple[str, ...] = ()
+    max_source_mb: float = DEFAULT_MAX_SOURCE_MB
+    source_timeout_s: float = DEFAULT_SOURCE_TIMEOUT_S
 
     def resolved_run_id(self) -> str:
         run_id = self.run_id or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%dT%H%M%SZ")
@@ -140,7 +146,9 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     check_opencv_contrib()
     if exists(join(run_prefix, RUN_RECORD), storage):
         raise ValueError(f"run {run_id!r} is already committed at {redact(run_prefix)}; choose a new --run-id (nightly jobs: the date)")
-    base = RunContext(run_id=run_id, output=output, recipe_refs=tuple(cfg.recipes), storage=storage, max_pixels=cfg.max_pixels, model_cache=cfg.model_cache)
+    sources = SourcePolicy.for_manifest(cfg.manifest, cfg.source_prefixes, max_source_mb=cfg.max_source_mb, timeout_s=cfg.source_timeout_s)
+    base = RunContext(run_id=run_id, output=output, recipe_refs=tuple(cfg.recipes), storage=storage, max_pixels=cfg.max_pixels,
+                      model_cache=cfg.model_cache, sources=sources)  # fmt: skip
     recipes = base.recipes()
     if len(recipes) != len(cfg.recipes):
         raise ValueError(f"two recipes share a name: {list(cfg.recipes)}; recipe names must be unique in a run")
@@ -153,7 +161,11 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     cluster = connect(cfg.address, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     plan = plan_resources(cluster, cpu_batch_size=cfg.cpu_batch_size, gpu_batch_size=cfg.gpu_batch_size, max_gpus=cfg.max_gpus)
     apply_data_context(plan)
+    # Every fetch thread may hold one source of up to the cap: plan the threads from memory.
+    threads = fetch_threads(plan.fetch_memory_bytes(cluster), sources.max_bytes, plan.cpu_batch_size)
+    base = dataclasses.replace(base, fetch_threads=threads)
     log.info("run %s: %s", run_id, plan.describe())
+    log.info("run %s: %s; %d fetch threads per task", run_id, sources.describe(), threads)
     pools = pool_stages(list(recipes.values()))
     # Fails now, before any work, if the cluster cannot host a pool; the numbers go in _run.json.
     pool_plans = {label: plan.pool_for(steps, len(pools)) for label, steps in pools}

@@ -35,7 +35,8 @@ from pipelines.model_store import ModelStore
 from pipelines.recipes import Recipe, load_recipe
 from pipelines.schema import FETCHED_SCHEMA, OUTPUT_SCHEMA, PARSED_SCHEMA
 from pipelines.state import PriorState, attempt_dir, carried_row, input_sha256, prior_rows, state_key
-from pipelines.storage import StorageConfig, StorageError, head_object, is_s3, join, read_bytes, read_object, safe_key_part, write_bytes
+from pipelines.sources import SourcePolicy
+from pipelines.storage import StorageConfig, StorageError, is_s3, join, safe_key_part, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ class RunContext:
     recipe_refs: tuple[str, ...]
     storage: StorageConfig
     max_pixels: int = DEFAULT_MAX_PIXELS
-    fetch_threads: int = 16
+    # What manifest rows may name (prefixes, size cap, time limit): pipelines/sources.py. The
+    # default here is the strictest useful one; run_catalog sets the run's own.
+    sources: SourcePolicy = SourcePolicy(prefixes=())
+    fetch_threads: int = 16  # planned from worker memory and the size cap (sources.fetch_threads)
     model_cache: str | None = None  # None: $SKUSTUDIO_MODEL_CACHE or ~/.cache/skustudio/models
     attempt: int = 1  # 1 for a new run; 2, 3, ... when the same run id is rerun to finish it
     prior: PriorState = PriorState()  # reusable rows (earlier attempts, last committed run)
@@ -249,11 +253,16 @@ class Fetch:
             row.update(source_bytes=b"", source_read=False, overlay_bytes=b"", source_sha256="", source_etag="", source_size=0, input_sha256="")
             if row["error"]:
                 return
+            policy = self.ctx.sources
             try:
+                # Before any request: a URI outside the allowed prefixes is never touched.
+                policy.check(row["source_uri"])
+                if row["overlay_mask_uri"]:
+                    policy.check(row["overlay_mask_uri"])
                 if self._unchanged_by_etag(row):
                     return
-                obj = read_object(row["source_uri"], self.ctx.storage)
-                overlay = read_bytes(row["overlay_mask_uri"], self.ctx.storage) if row["overlay_mask_uri"] else b""
+                obj = policy.read(row["source_uri"], self.ctx.storage)
+                overlay = policy.read(row["overlay_mask_uri"], self.ctx.storage).data if row["overlay_mask_uri"] else b""
             except Exception as exc:  # noqa: BLE001 - every failure becomes this row's error
                 _fail(row, "fetch", exc)
                 return
@@ -280,9 +289,9 @@ class Fetch:
             return False
         if len({(p["source_etag"], p["source_size"], p["source_sha256"]) for p in found}) != 1:
             return False
-        meta = head_object(uri, self.ctx.storage)
-        if (meta.etag, meta.size) != (found[0]["source_etag"], found[0]["source_size"]):
-            return False
+        meta = self.ctx.sources.head(uri, self.ctx.storage)
+        if (meta.etag, meta.size) != (found[0]["source_etag"], found[0]["source_size"]) or meta.size > self.ctx.sources.max_bytes:
+            return False  # changed, or over the cap now: the read decides (and refuses)
         sha = found[0]["source_sha256"]
         ish = input_sha256(sha, "", row["title"], row["category"], row["attributes"])
         if any(p["state_key"] != state_key(ish, self.ctx.fingerprint(name)) for (name, _), p in zip(wanted, found)):

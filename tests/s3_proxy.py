@@ -3,7 +3,8 @@
 It forwards every request to the upstream S3 API server, and on a seeded fraction of them
 answers the way a struggling S3 does instead: 503 SlowDown, 503 ServiceUnavailable, or a
 connection closed without any response. Keys matching `deny` get a real 403 AccessDenied
-(an object the job's role may not read). Every request is logged, so tests can count reads.
+(an object the job's role may not read). Keys matching `stall` are held `stall_s` seconds
+before any response (a source that hangs). Every request is logged, so tests can count reads.
 """
 
 from __future__ import annotations
@@ -28,17 +29,20 @@ _ERROR_XML = (
 class Request:
     method: str
     path: str
-    outcome: str  # 'ok', 'slowdown', 'unavailable', 'drop', 'denied'
+    outcome: str  # 'ok', 'slowdown', 'unavailable', 'drop', 'denied', 'stalled'
 
 
 class FaultProxy:
     FAULTS = ("slowdown", "unavailable", "drop")
 
-    def __init__(self, upstream: str, *, fault_rate: float = 0.0, seed: int = 0, deny: tuple[str, ...] = ()):
+    def __init__(self, upstream: str, *, fault_rate: float = 0.0, seed: int = 0, deny: tuple[str, ...] = (), stall: tuple[str, ...] = (),
+                 stall_s: float = 30.0):  # fmt: skip
         up = urllib.parse.urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.fault_rate = fault_rate
         self.deny = deny
+        self.stall, self.stall_s = stall, stall_s
+        self._closing = threading.Event()
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.log: list[Request] = []
@@ -69,6 +73,10 @@ class FaultProxy:
                 outcome = proxy._decide(self.path)
                 with proxy.lock:
                     proxy.log.append(Request(self.command, self.path, outcome))
+                if outcome == "stalled":
+                    proxy._closing.wait(proxy.stall_s)  # hold the request, answer nothing
+                    self.close_connection = True
+                    return
                 if outcome == "drop":
                     # Close the socket without a response, as a reset connection looks.
                     self.close_connection = True
@@ -122,6 +130,8 @@ class FaultProxy:
         key = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
         if any(d in key for d in self.deny):
             return "denied"
+        if any(d in key for d in self.stall):
+            return "stalled"
         with self.lock:
             if self.fault_rate and self.rng.random() < self.fault_rate:
                 return self.rng.choice(self.FAULTS)
@@ -136,6 +146,7 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()  # release held requests
         self.server.shutdown()
         self.server.server_close()
 

@@ -209,3 +209,21 @@ def test_a_plain_opencv_build_stops_the_run_with_the_fix(monkeypatch):
     monkeypatch.setattr(cv2, "ximgproc", types.SimpleNamespace())  # what the plain build's stubs leave
     with pytest.raises(OpenCVBuildError, match=r"cv2.ximgproc.guidedFilter missing.*--force-reinstall --no-deps opencv-contrib-python-headless"):
         check_opencv_contrib()
+
+
+def test_only_photos_the_first_look_is_unsure_about_get_every_pass():
+    op = RemoveBackground({})
+    op.ensure_setup()
+    seen = []
+    predict = op._model.predict
+    op._model.predict = lambda images, passes, side: seen.append(len(images) * len(passes)) or predict(images, passes, side)
+    clear = _on_white(0)[0]
+    tiles = [render_product(s, background="cluttered", degradation="none", size=(160, 160)).photo for s in range(9)]
+    sheet = np.concatenate([np.concatenate(tiles[i * 3 : i * 3 + 3], 1) for i in range(3)], 0)
+    out = op.apply_items([_item(clear), _item(sheet)])
+    # One look each, then the other five passes for the contact sheet only.
+    assert seen == [2, len(op._passes) - 1], seen
+    every = RemoveBackground({"escalate_below": None})
+    full = every.apply(_item(sheet))
+    assert np.array_equal(out[1].mask, full.mask) and out[1].scores[MASK_CONFIDENCE] == full.scores[MASK_CONFIDENCE]
+    assert out[0].scores[MASK_CONFIDENCE] >= 0.95
