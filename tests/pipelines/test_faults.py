@@ -131,7 +131,7 @@ POOLED = """
 name: pooled
 ops:
   - op: denoise
-    params: {strength: 12}
+    params: {strength: 12, search_window: 31}  # slow on purpose: the killer must find the pool mid-run
     pool: {min_size: 1, max_size: 1}
   - op: sharpen
 """
