@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import typer
+
+from pipelines.sources import DEFAULT_MAX_SOURCE_MB, DEFAULT_SOURCE_TIMEOUT_S
 from rich.console import Console
 from rich.table import Table
 
@@ -84,8 +86,8 @@ def run(
     source_prefix: list[str] = typer.Option(
         [], "--source-prefix", help="allowed source prefix (s3://bucket/prefix/ or a local directory); repeatable. Default: the manifest's bucket (S3 manifest) or any local path (local manifest)"
     ),
-    max_source_mb: float = typer.Option(50.0, min=0.001, help="refuse sources larger than this (checked by HEAD/stat before reading)"),
-    source_timeout: float = typer.Option(60.0, min=0.1, help="seconds one source may take to arrive, retries included"),
+    max_source_mb: float = typer.Option(DEFAULT_MAX_SOURCE_MB, min=0.001, help="refuse sources larger than this (checked by HEAD/stat before reading)"),
+    source_timeout: float = typer.Option(DEFAULT_SOURCE_TIMEOUT_S, min=0.1, help="seconds one source may take to arrive, retries included"),
     config: Path = typer.Option(None, "--config", help="YAML file of run options (source_prefix: [...], max_source_mb: 20, ...); flags given on the command line win"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -99,8 +101,8 @@ def run(
     if config is not None:
         given = _guarded(lambda: _config_file(config, "run"))
         source_prefix = list(source_prefix) or list(given.get("source_prefix", []))
-        max_source_mb = given.get("max_source_mb", max_source_mb) if max_source_mb == 50.0 else max_source_mb
-        source_timeout = given.get("source_timeout", source_timeout) if source_timeout == 60.0 else source_timeout
+        max_source_mb = given.get("max_source_mb", max_source_mb) if max_source_mb == DEFAULT_MAX_SOURCE_MB else max_source_mb
+        source_timeout = given.get("source_timeout", source_timeout) if source_timeout == DEFAULT_SOURCE_TIMEOUT_S else source_timeout
     cfg = RunConfig(
         manifest=manifest, recipes=tuple(recipe), output=output, run_id=run_id, address=address, s3_endpoint=s3_endpoint,
         num_cpus=num_cpus, num_gpus=num_gpus, cpu_batch_size=cpu_batch_size, gpu_batch_size=gpu_batch_size,
