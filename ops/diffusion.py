@@ -3,8 +3,10 @@ the product's own pixels composited back after every one of them.
 
 Each op loads a diffusers `save_pretrained` directory from the model store once per worker,
 renders a prompt per row from its template and the row's catalog fields, and runs rows of
-the same working-canvas size through the pipeline together (one call, a generator per row,
-so a row's image depends on its seed and not on its batch neighbours).
+the same working-canvas size through the pipeline together on a GPU (one call, a generator
+per row). A generator per row fixes each row's noise, but a batched UNet's arithmetic still
+depends on the batch size by a few 1/255 steps; on the CPU, where batching buys little, each
+row runs alone, so a rerun reproduces its image bit for bit whatever rows shared its batch.
 
 Generation happens on a working canvas (`size` on the long side, both sides multiples of 64,
 e.g. 512 for SD 1.5); the result is resized back to the row's resolution and the product is
@@ -54,7 +56,7 @@ class DiffusionConfig(OpConfig):
     guidance: float = Field(7.5, ge=0, le=30)
     size: int = Field(512, ge=64, le=2048, description="working canvas long side (px), rounded to a multiple of 64")
     feather_px: float = Field(2.0, ge=0, le=64, description="ramp across the product edge when pasting it back")
-    max_batch: int = Field(8, ge=1, le=64, description="rows per pipeline call")
+    max_batch: int = Field(8, ge=1, le=64, description="rows per pipeline call on a GPU (one on the CPU)")
     device: Device = "auto"
     precision: Precision = "auto"
     compile: bool = Field(False, description="torch.compile the UNet (CUDA only; the first batch pays the compile)")
@@ -127,14 +129,16 @@ class DiffusionOp(Op):
         items = items_of(batch)
         # 1. Map every row onto its working canvas (CPU; raises for a row that cannot run).
         jobs = [self.prepare(i, item) for i, item in enumerate(items)]
-        # 2. Run rows with the same canvas together, at most max_batch per pipeline call.
+        # 2. Run rows with the same canvas together, at most max_batch per pipeline call
+        #    (one on the CPU: see the module docstring).
+        per_call = self.config.max_batch if self.runtime.on_gpu else 1
         generated: dict[int, np.ndarray] = {}
         by_canvas: dict[tuple[int, int], list[_Job]] = {}
         for job in jobs:
             by_canvas.setdefault(job.canvas, []).append(job)
         for group in by_canvas.values():
-            for start in range(0, len(group), self.config.max_batch):
-                chunk = group[start : start + self.config.max_batch]
+            for start in range(0, len(group), per_call):
+                chunk = group[start : start + per_call]
                 for job, out in zip(chunk, self.generate(chunk)):
                     generated[job.row] = out
         # 3. Back to each row's resolution, with the product's own pixels pasted back.

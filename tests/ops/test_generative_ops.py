@@ -78,7 +78,8 @@ def test_a_row_gives_the_same_image_alone_or_in_a_batch(tiny_models):
     items = _items(3)
     together = op(_batch(items))["image"]
     alone = op(_batch(items[1:2]))["image"][0]
-    assert psnr(together[1], alone) > 40
+    # On the CPU each row is its own pipeline call: bit for bit (a GPU batch is within ~2/255).
+    assert np.array_equal(together[1], alone)
 
 
 def test_outpaint_reaches_the_aspect_and_keeps_every_original_pixel(tiny_models):
