@@ -13,52 +13,21 @@ import logging
 import os
 import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+from catalog_scale import Peaks  # bench/ is on sys.path when run as a script
 
 from pipelines.run import RunConfig, run_catalog
 from pipelines.sample_catalog import render_product, write_sample_catalog
 
 
-class PeakRSS:
-    """Peak summed RSS of this process and all its descendants (Ray's raylet, GCS, workers)."""
-
-    def __init__(self, every_s: float = 0.25):
-        self.every_s = every_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(self.every_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def timed_run(cfg: RunConfig) -> dict:
-    with PeakRSS() as mem:
+    with Peaks(every_s=0.25) as mem:
         t0 = time.perf_counter()
         s = run_catalog(cfg)
         wall = time.perf_counter() - t0
-    return {"run_id": s.run_id, "wall_s": round(wall, 2), "peak_rss_mb": round(mem.peak / 2**20), "variants": s.variants,
+    return {"run_id": s.run_id, "wall_s": round(wall, 2), "peak_rss_mb": round(mem.total / 2**20), "variants": s.variants,
             "generated": s.generated, "reused": s.reused, "errors": s.errors}  # fmt: skip
 
 

@@ -52,12 +52,12 @@ class ShipSpec:
         return env
 
 
-def run_entrypoint(run_args: list[str]) -> str:
-    """The shell command the job runs: `skustudio run <args>`, joining the job's cluster."""
+def run_entrypoint(run_args: list[str], command: str = "run") -> str:
+    """The shell command the job runs: `skustudio run <args>` (or `train`), joining the job's cluster."""
     args = list(run_args)
     if not any(a == "--address" or a.startswith("--address=") for a in args):
         args += ["--address", "auto"]
-    return shlex.join(["skustudio", "run", *args])
+    return shlex.join(["skustudio", command, *args])
 
 
 def _client(address: str):
@@ -69,7 +69,7 @@ def _client(address: str):
         raise JobError(f"cannot reach the Ray Jobs API at {address}: {exc}; pass the dashboard address, e.g. http://HEAD:8265") from None
 
 
-def submit(address: str, run_id: str, run_args: list[str], ship: ShipSpec, metadata: dict[str, str]) -> str:
+def submit(address: str, run_id: str, run_args: list[str], ship: ShipSpec, metadata: dict[str, str], command: str = "run") -> str:
     """Submit a run; the run id is the submission id. Refuses a run id already submitted."""
     client = _client(address)
     try:
@@ -81,7 +81,7 @@ def submit(address: str, run_id: str, run_args: list[str], ship: ShipSpec, metad
             f"run {run_id!r} was already submitted to {address} (status {existing.status}); "
             f"follow it with `skustudio jobs status {run_id} --address {address}`, or use a new --run-id"
         )
-    entrypoint = run_entrypoint(run_args)
+    entrypoint = run_entrypoint(run_args, command)
     log.info("submitting %s: %s", run_id, entrypoint)
     try:
         return client.submit_job(entrypoint=entrypoint, submission_id=run_id, runtime_env=ship.runtime_env() or None, metadata=metadata)

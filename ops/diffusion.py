@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ops.base import Batch, Item, Op, OpConfig, OpInputError, Resources, batch_of, has_mask, items_of
 from ops.composite import feather_alpha, paste_product, product_core, repaint_mask
 from ops.geometry import parse_aspect, translate_step
-from ops.models import LocalModel, ModelError, ModelInfo, offline_hub
+from ops.models import LORA_WEIGHTS, LocalModel, ModelError, ModelInfo, offline_hub
 from ops.prompts import check_template, render
 from ops.registry import register
 from ops.torch_runtime import Device, Precision, Runtime, device_lock, generators, pick_runtime
@@ -48,6 +48,14 @@ INSTRUCT_FAMILY = {"StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLI
 DEFAULT_NEGATIVE = "blurry, lowres, distorted, watermark, text, logo, extra objects, deformed"
 
 
+class LoraRef(BaseModel):
+    """A LoRA adapter (as `skustudio train` writes it) and how strongly it applies."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, description="adapter directory: local path or s3:// prefix")
+    scale: float = Field(1.0, ge=0, le=1, description="0 gives the base model's output exactly")
+
+
 class DiffusionConfig(OpConfig):
     model: str = Field(..., min_length=1, description="diffusers save_pretrained directory: local path or s3:// prefix")
     prompt: str = "professional product photo of {title}, {category}, high detail"
@@ -60,6 +68,12 @@ class DiffusionConfig(OpConfig):
     device: Device = "auto"
     precision: Precision = "auto"
     compile: bool = Field(False, description="torch.compile the UNet (CUDA only; the first batch pays the compile)")
+    lora: list[LoraRef] = Field(default_factory=list, description="LoRA adapters on the UNet: {model, scale} or a list of them")
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, (dict, LoraRef)) else v
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -97,7 +111,18 @@ class DiffusionOp(Op):
 
     # ------------------------------------------------------------------ model
 
+    def model_refs(self) -> dict[str, str]:
+        # Adapters are models like the base: fetched by the store, checked before the run,
+        # and in every row's model / model_sha256 (so a changed adapter changes state keys).
+        return {**super().model_refs(), **{f"lora.{i}": a.model for i, a in enumerate(self.config.lora)}}
+
     def check_model(self, field: str, info: ModelInfo) -> None:
+        if field.startswith("lora."):
+            if info.kind != "lora":
+                raise ModelError(f"op {self.name!r}: lora {info.ref!r} is not a LoRA adapter (no {LORA_WEIGHTS}); train one with `skustudio train`")
+            if info.class_name and info.class_name not in SD_FAMILY | INSTRUCT_FAMILY:
+                raise ModelError(f"op {self.name!r}: lora {info.ref!r} was trained on a {info.class_name}, not a Stable Diffusion model")
+            return
         family = INSTRUCT_FAMILY if self.pipeline_kind == "instruct" else SD_FAMILY
         if info.kind != "diffusers":
             raise ModelError(f"op {self.name!r} needs a diffusers pipeline directory, but model {info.ref!r} is a {info.suffix} checkpoint file")
@@ -116,7 +141,8 @@ class DiffusionOp(Op):
     def setup(self) -> None:
         c = self.config
         self.runtime = pick_runtime(c.device, c.precision, cpu_threads=self.resources.cpus)
-        self.pipe = load_pipeline(self.models["model"], self.pipeline_kind, self.runtime, compile_unet=c.compile)
+        adapters = tuple((self.models[f"lora.{i}"], a.scale) for i, a in enumerate(c.lora))
+        self.pipe = load_pipeline(self.models["model"], self.pipeline_kind, self.runtime, compile_unet=c.compile, adapters=adapters)
         self.lock = device_lock(self.models["model"].sha256)
 
     # ------------------------------------------------------------------ rows
@@ -369,10 +395,11 @@ _pipes: dict[tuple, Any] = {}
 _pipes_lock = threading.Lock()
 
 
-def load_pipeline(model: LocalModel, kind: str, runtime: Runtime, *, compile_unet: bool = False):
+def load_pipeline(model: LocalModel, kind: str, runtime: Runtime, *, compile_unet: bool = False, adapters: tuple[tuple[LocalModel, float], ...] = ()):
     """Load a diffusers pipeline from local files only, once per process per (model, device,
-    dtype): several ops or recipes using one model share its weights, and the inpainting /
-    img2img views of one model share components through `from_pipe`."""
+    dtype, adapters): several ops or recipes using one model share its weights, and the
+    inpainting / img2img views of one model share components through `from_pipe`. Adapters
+    change the shared UNet, so each set of (adapter, scale) gets its own copy of the base."""
     offline_hub()
     import diffusers.utils.logging as dlog
     import torch
@@ -380,7 +407,7 @@ def load_pipeline(model: LocalModel, kind: str, runtime: Runtime, *, compile_une
 
     dlog.disable_progress_bar()
     with _pipes_lock:
-        base_key = (model.sha256, runtime.device, str(runtime.dtype), compile_unet)
+        base_key = (model.sha256, runtime.device, str(runtime.dtype), compile_unet, tuple((a.sha256, scale) for a, scale in adapters))
         base = _pipes.get(base_key)
         if base is None:
             index = json.loads((model.path / "model_index.json").read_text())
@@ -389,6 +416,8 @@ def load_pipeline(model: LocalModel, kind: str, runtime: Runtime, *, compile_une
                 base = DiffusionPipeline.from_pretrained(str(model.path), torch_dtype=runtime.dtype, local_files_only=True, **extra)
             except Exception as exc:  # noqa: BLE001 - any loader failure is a broken model
                 raise ModelError(f"model {model.ref!r} (sha256 {model.sha256[:12]}) failed to load: {type(exc).__name__}: {exc}") from None
+            if adapters:
+                _load_adapters(base, model, adapters)
             base.to(runtime.device)
             base.set_progress_bar_config(disable=True)
             if runtime.on_gpu:
@@ -412,3 +441,20 @@ def load_pipeline(model: LocalModel, kind: str, runtime: Runtime, *, compile_une
                 pipe.set_progress_bar_config(disable=True)
             _pipes[key] = pipe
         return pipe
+
+
+def _load_adapters(pipe, model: LocalModel, adapters: tuple[tuple[LocalModel, float], ...]) -> None:
+    """Load LoRA adapters into the pipeline's UNet at their scales (peft backend). A scale
+    of 0 keeps the adapter loaded but adds exactly nothing: the base model's output."""
+    names = []
+    for i, (adapter, _) in enumerate(adapters):
+        name = f"a{i}-{adapter.sha256[:12]}"
+        try:
+            pipe.load_lora_weights(str(adapter.path), weight_name=LORA_WEIGHTS, adapter_name=name)
+        except Exception as exc:  # noqa: BLE001 - shape mismatches, missing peft, a broken file
+            raise ModelError(
+                f"lora {adapter.ref!r} (sha256 {adapter.sha256[:12]}) does not fit model {model.ref!r}: {type(exc).__name__}: {exc}; "
+                "use an adapter trained on this base model (its training_card.json names the base)"
+            ) from None
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[scale for _, scale in adapters])

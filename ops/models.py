@@ -31,6 +31,10 @@ BUILTIN_PREFIX = "builtin:"
 DIFFUSERS_INDEX = "model_index.json"
 # Written by the model store beside a cached copy; never part of the content hash.
 STORE_MARKER = ".skustudio-model.json"
+# A LoRA adapter as `skustudio train` writes it (diffusers' save_lora_weights file name) with
+# its training card beside it.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TRAINING_CARD = "training_card.json"
 
 
 class ModelError(ValueError):
@@ -44,7 +48,7 @@ class ModelInfo:
     run can check every model before any GPU time is spent."""
 
     ref: str
-    kind: str  # 'diffusers', 'transformers', 'checkpoint' or 'brisque'
+    kind: str  # 'diffusers', 'transformers', 'checkpoint', 'brisque' or 'lora'
     class_name: str = ""  # diffusers pipeline class (model_index.json) or transformers architecture, '' for checkpoints
     unet_in_channels: int | None = None  # 4 text/img2img, 9 inpainting, 8 instruct-pix2pix
     suffix: str = ""  # checkpoint file suffix, '' for diffusers directories
@@ -90,6 +94,14 @@ def describe_files(ref: str, names: list[str], read_small) -> ModelInfo:
                 f"{', '.join(CHECKPOINT_SUFFIXES)}, or point at a diffusers save_pretrained directory"
             )
         return ModelInfo(ref=ref, kind="checkpoint", suffix=suffix)
+    if LORA_WEIGHTS in names:
+        base = ""
+        if TRAINING_CARD in names:
+            try:
+                base = str(json.loads(read_small(TRAINING_CARD)).get("base_model", {}).get("class_name", ""))
+            except (ValueError, AttributeError) as exc:
+                raise ModelError(f"adapter {ref!r}: {TRAINING_CARD} is unreadable ({exc}); re-export it with skustudio train") from None
+        return ModelInfo(ref=ref, kind="lora", class_name=base)
     if DIFFUSERS_INDEX in names:
         try:
             index = json.loads(read_small(DIFFUSERS_INDEX))

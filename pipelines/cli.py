@@ -30,15 +30,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipelines.recipes import RecipeError
     from pipelines.storage import StorageError
 
+    # ModelError and TrainDataError are ValueErrors.
     return (ManifestError, RecipeError, StorageError, OpConfigError, ValueError, FileNotFoundError, PermissionError)
 
 
 def _guarded(fn):
     from pipelines.run import RunFailed
+    from pipelines.train import TrainFailed
 
     try:
         return fn()
-    except RunFailed as exc:
+    except (RunFailed, TrainFailed) as exc:
         if os.environ.get("SKUSTUDIO_DEBUG"):
             raise
         err.print(f"[bold red]run failed:[/] {exc}", highlight=False, soft_wrap=True)
@@ -169,15 +171,70 @@ def demo(
     _print_summary(summary)
 
 
-def check_run_args(args: list[str]) -> dict:
-    """Parse `skustudio run` arguments exactly as `run` would (without running): a job is only
-    submitted with a command line that will parse on the cluster. Returns the parsed params."""
-    command = typer.main.get_command(app).commands["run"]
+@app.command()
+def train(
+    manifest: str = typer.Option(..., help="catalog manifest (same formats as run): the shop's photos to learn from"),
+    base_model: str = typer.Option(..., help="diffusers text-to-image directory (local path or s3:// prefix), e.g. Stable Diffusion 1.5"),
+    output: str = typer.Option(..., help="where the adapter goes (local directory or s3:// prefix); recipes name it in `lora:`"),
+    category: list[str] = typer.Option([], "--category", help="train on rows of this category; repeatable"),
+    attribute: list[str] = typer.Option([], "--attribute", help="train on rows with this attribute, KEY=VALUE; repeatable"),
+    sku: list[str] = typer.Option([], "--sku", help="train on these skus; repeatable"),
+    caption: str = typer.Option("a photo of {trigger} {title}", help="caption template: {trigger}, {title}, {category}, {attributes}, {attributes.KEY}"),
+    trigger: str = typer.Option("", help="a rare token that will name the product or style in prompts, e.g. sks"),
+    resolution: int = typer.Option(512, help="training resolution (square crops centred on the product)"),
+    rank: int = typer.Option(8, help="LoRA rank"),
+    alpha: float = typer.Option(None, help="LoRA alpha (default: the rank)"),
+    learning_rate: float = typer.Option(1e-4, "--lr", help="AdamW learning rate"),
+    steps: int = typer.Option(500, help="optimizer steps"),
+    batch_size: int = typer.Option(1, help="examples per worker per step"),
+    checkpoint_every: int = typer.Option(100, help="steps between checkpoints"),
+    seed: int = typer.Option(0),
+    background_weight: float = typer.Option(1.0, min=0.0, max=1.0, help="loss weight outside the product mask: 1 = plain loss; ~0.1 for a product-identity adapter"),
+    prior_weight: float = typer.Option(0.0, min=0.0, help="prior preservation strength (needs --class-prompt)"),
+    class_prompt: str = typer.Option("", help="prior preservation prompt, e.g. 'a photo of a sneaker'"),
+    workers: int = typer.Option(1, min=1, help="Ray Train workers (one GPU each when the cluster has GPUs)"),
+    gpu: bool = typer.Option(None, "--gpu/--cpu", help="default: GPU workers when the cluster has enough GPUs"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="trade compute for UNet activation memory"),
+    checkpoints: str = typer.Option(None, help="checkpoint storage (local or s3://); default: OUTPUT.checkpoints"),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="train on the usable rows when some selected rows fail"),
+    source_prefix: list[str] = typer.Option([], "--source-prefix", help="allowed source prefix; repeatable (default as for run)"),
+    address: str = typer.Option(None, help="Ray address; default: start a local Ray"),
+    s3_endpoint: str = typer.Option(None, help="S3 endpoint URL override (default: AWS_ENDPOINT_URL)"),
+    num_cpus: int = typer.Option(None, help="local Ray only: CPUs to use"),
+    num_gpus: int = typer.Option(None, help="local Ray only: GPUs to expose"),
+    model_cache: str = typer.Option(None, help="node-local model cache"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Fine-tune a LoRA adapter on the catalog's own photos as a Ray Train job.
+
+    Rerunning the same command resumes from its last checkpoint."""
+    _logging(verbose)
+    logging.getLogger("pipelines.train").setLevel(logging.INFO)
+    from pipelines.train import TrainConfig, train_adapter
+
+    cfg = TrainConfig(
+        manifest=manifest, base_model=base_model, output=output, checkpoints=checkpoints, categories=tuple(category), attributes=tuple(attribute),
+        skus=tuple(sku), caption=caption, trigger=trigger, resolution=resolution, rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
+        batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed, background_weight=background_weight, prior_weight=prior_weight,
+        class_prompt=class_prompt, workers=workers, use_gpu=gpu, gradient_checkpointing=gradient_checkpointing, skip_bad_rows=skip_bad_rows,
+        address=address, s3_endpoint=s3_endpoint, num_cpus=num_cpus, num_gpus=num_gpus, model_cache=model_cache, source_prefixes=tuple(source_prefix),
+    )  # fmt: skip
+    s = _guarded(lambda: train_adapter(cfg))
+    out.print(f"adapter: {s.output}  ({s.examples} examples, {s.skipped_rows} rows skipped, {s.steps} steps, {s.wall_s:.0f}s)")
+    out.print(f"eval loss {s.eval_loss_start:.4f} -> {s.eval_loss_end:.4f}; card: {s.output}/training_card.json")
+    out.print(f"use it in a recipe: lora: {{model: {s.output}, scale: 0.8}}")
+
+
+def check_run_args(args: list[str], command_name: str = "run") -> dict:
+    """Parse `skustudio run` (or `train`) arguments exactly as the command would, without
+    running it: a job is only submitted with a command line that will parse on the cluster.
+    Returns the parsed params."""
+    command = typer.main.get_command(app).commands[command_name]
     try:
-        ctx = command.make_context("skustudio run", list(args), resilient_parsing=False)
+        ctx = command.make_context(f"skustudio {command_name}", list(args), resilient_parsing=False)
     except Exception as exc:  # noqa: BLE001 - typer vendors its own click; its usage errors share no public base
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        raise ValueError(f"not a valid `skustudio run` command line ({message}): {' '.join(args)}") from None
+        raise ValueError(f"not a valid `skustudio {command_name}` command line ({message}): {' '.join(args)}") from None
     return dict(ctx.params)
 
 
@@ -190,10 +247,12 @@ def submit(
     image: str = typer.Option(None, help="container image for the job (runtime_env image_uri)"),
     pip: list[str] = typer.Option([], help="pip requirement to install for the job; repeatable"),
 ):
-    """Submit a run to a Ray cluster through the Jobs API: skustudio submit --address URL -- <run args>.
+    """Submit a run to a Ray cluster through the Jobs API: skustudio submit --address URL -- <run args>,
+    or a LoRA training: skustudio submit --address URL -- train <train args>.
 
-    The run id is the job's submission id (default: run-<UTC timestamp>); submitting a run id
-    twice is refused."""
+    A run's id is the job's submission id (default: run-<UTC timestamp>); submitting a run id
+    twice is refused. A training job is named train-<UTC timestamp>; resubmitting the same
+    training command resumes it from its checkpoints."""
     import datetime as dt
 
     from cluster.jobs import JobError, ShipSpec
@@ -202,14 +261,22 @@ def submit(
     from cluster.jobs import submit as submit_job
 
     run_args = list(ctx.args)
-    params = _guarded(lambda: check_run_args(run_args))
-    run_id = params.get("run_id") or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%dT%H%M%SZ")
-    if not params.get("run_id"):
-        run_args += ["--run-id", run_id]
+    command = "run"
+    if run_args and run_args[0] in ("run", "train"):
+        command, run_args = run_args[0], run_args[1:]
+    params = _guarded(lambda: check_run_args(run_args, command))
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    if command == "train":
+        run_id = f"train-{now}"
+        metadata = {"skustudio_training": run_id, "manifest": str(params["manifest"]), "base_model": str(params["base_model"]), "output": str(params["output"])}
+    else:
+        run_id = params.get("run_id") or f"run-{now}"
+        if not params.get("run_id"):
+            run_args += ["--run-id", run_id]
+        metadata = {"skustudio_run_id": run_id, "manifest": str(params["manifest"]), "recipes": ",".join(params["recipe"])}
     ship = ShipSpec(working_dir=working_dir, image_uri=image, pip=tuple(pip))
-    metadata = {"skustudio_run_id": run_id, "manifest": str(params["manifest"]), "recipes": ",".join(params["recipe"])}
     try:
-        job = submit_job(address, run_id, run_args, ship, metadata)
+        job = submit_job(address, run_id, run_args, ship, metadata, command)
     except JobError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None

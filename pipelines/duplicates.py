@@ -8,13 +8,14 @@
 
 Hashes are 64-bit DCT hashes (`ops.scores.phash`). Catalog-wide pairs are found by banding:
 two hashes within 3 bits agree exactly on at least one of four 16-bit bands, so only SKUs
-sharing a band value are compared. Works on the metadata rows (no pixels) on the driver;
+sharing a band value are compared. Works on the metadata rows (no pixels) on the workers;
 only flagged rows end up in the lookup tables shipped back to the workers.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import defaultdict
 
 import pyarrow as pa
@@ -74,16 +75,69 @@ def shared_sources(pairs: set[tuple[str, str]], distance: int = SOURCE_DISTANCE)
     return {sku: sorted(others) for sku, others in out.items() if others}
 
 
+BUCKETS = 256  # groups of the distributed passes: each sees ~1/256 of the hashes
+
+
 def flag_duplicates(rows):
-    """The run's rows with `duplicate_of_variant` and `shared_source_skus` filled in."""
-    meta = []
-    for batch in rows.select_columns(["kind", "sku", "recipe", "variant", "attempt", "phash", "source_phash"]).iter_batches(batch_format="pyarrow"):
-        meta.extend(batch.filter(pc.equal(batch["kind"], "variant")).to_pylist())
-    repeats = variant_repeats(meta)
-    shared = shared_sources({(r["sku"], r["source_phash"]) for r in meta})
+    """The run's rows with `duplicate_of_variant` and `shared_source_skus` filled in.
+
+    Both searches run on the workers, grouped so that every pair they must compare meets in
+    one group: a SKU's variants by the SKU's bucket, source hashes by their band values'
+    buckets (two hashes within SOURCE_DISTANCE share a band value). Only the flagged keys,
+    a handful per catalog, come back to the driver."""
+    hashes = rows.map_batches(_variant_hashes, batch_format="pyarrow")
+    repeats = {}
+    for r in _grouped(hashes.map_batches(_by_sku_bucket, batch_format="pyarrow"), _repeats_in_group):
+        repeats[(r["sku"], r["recipe"], int(r["variant"]))] = int(r["of"])
+    shared: dict[str, set[str]] = defaultdict(set)
+    for r in _grouped(hashes.map_batches(_by_band_bucket, batch_format="pyarrow"), _shared_in_group):
+        shared[r["sku"]].add(r["other"])
     if repeats or shared:
         log.info("near-duplicates: %d repeated variants, %d skus sharing a source photo", len(repeats), len(shared))
-    return rows.map_batches(_Flag(repeats, shared), batch_format="pyarrow")
+    return rows.map_batches(_Flag(repeats, {k: sorted(v) for k, v in shared.items()}), batch_format="pyarrow")
+
+
+def _grouped(keyed, fn) -> list[dict]:
+    return keyed.groupby("bucket").map_groups(fn, batch_format="pyarrow").take_all()
+
+
+def _variant_hashes(table: pa.Table) -> pa.Table:
+    t = table.filter(pc.fill_null(pc.equal(table["kind"], "variant"), False))
+    return t.select(["sku", "recipe", "variant", "attempt", "phash", "source_phash"])
+
+
+def _bucket(keys) -> pa.Array:
+    return pa.array([zlib.crc32(k.encode("utf-8", "surrogatepass")) % BUCKETS for k in keys], pa.int32())
+
+
+def _by_sku_bucket(table: pa.Table) -> pa.Table:
+    return table.append_column("bucket", _bucket(pc.fill_null(table["sku"], "").to_pylist()))
+
+
+def _by_band_bucket(table: pa.Table) -> pa.Table:
+    """One row per (band, distinct sku/source hash pair), keyed by the band value's bucket."""
+    pairs = sorted({(s, h) for s, h in zip(table["sku"].to_pylist(), table["source_phash"].to_pylist()) if s and h})
+    skus, hashes, buckets = [], [], []
+    for s, h in pairs:
+        for b in range(4):
+            skus.append(s)
+            hashes.append(h)
+            buckets.append(f"{b}:{h[4 * b : 4 * b + 4]}")
+    return pa.table({"sku": pa.array(skus, pa.string()), "source_phash": pa.array(hashes, pa.string()), "bucket": _bucket(buckets)})
+
+
+def _repeats_in_group(table: pa.Table) -> pa.Table:
+    found = variant_repeats(table.to_pylist())
+    return pa.table({
+        "sku": pa.array([k[0] for k in found], pa.string()), "recipe": pa.array([k[1] for k in found], pa.string()),
+        "variant": pa.array([k[2] for k in found], pa.int64()), "of": pa.array(list(found.values()), pa.int64()),
+    })  # fmt: skip
+
+
+def _shared_in_group(table: pa.Table) -> pa.Table:
+    found = shared_sources(set(zip(table["sku"].to_pylist(), table["source_phash"].to_pylist())))
+    pairs = [(sku, other) for sku, others in found.items() for other in others]
+    return pa.table({"sku": pa.array([a for a, _ in pairs], pa.string()), "other": pa.array([b for _, b in pairs], pa.string())})
 
 
 class _Flag:

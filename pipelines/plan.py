@@ -68,6 +68,15 @@ def pool_stages(recipes: list[Recipe]) -> list[tuple[str, list[Step]]]:
 
 def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: ResourcePlan):
     """The lazy Dataset of output rows (variant and error rows, no pixels)."""
+    return build_work_rows(ctx, manifest_uri, columns, plan).map_batches(Finish(ctx), batch_format="numpy", num_cpus=1, batch_size=plan.cpu_batch_size)
+
+
+def build_work_rows(ctx: RunContext, manifest_uri: str, columns: list[str], plan: ResourcePlan, manifest_filter=None):
+    """The lazy Dataset of work rows after every op (pixels, mask, scores; error rows
+    flowing beside them), before Finish scores and stores them. `skustudio train` reads its
+    examples from here, so training sees exactly what a run's ops see. `manifest_filter`
+    (a pyarrow Table -> Table function over validated manifest rows: sku, category,
+    attributes as JSON, error) selects rows before anything is fetched."""
     import ray
 
     recipes = list(ctx.recipes().values())
@@ -75,6 +84,8 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
     cpu = {"num_cpus": 1, "batch_size": plan.cpu_batch_size}
     only = frozenset(sku for sku, *_ in ctx.retry) if ctx.retry else None  # a gate retry pass
     ds = ds.map_batches(ParseRows([r.name for r in recipes], ctx.duplicates, only), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
+    if manifest_filter is not None:
+        ds = ds.map_batches(manifest_filter, batch_format="pyarrow")
     # A manifest file is read as one block, and Ray runs one task per block: without this
     # streaming split, a 10k-row JSONL would be processed by a single task.
     ds = ds.repartition(target_num_rows_per_block=plan.cpu_batch_size)
@@ -104,7 +115,7 @@ def build_dataset(ctx: RunContext, manifest_uri: str, columns: list[str], plan: 
             num_gpus=pool.num_gpus,
             num_cpus=pool.num_cpus,
         )
-    return ds.map_batches(Finish(ctx), batch_format="numpy", **cpu)
+    return ds
 
 
 def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], plan: ResourcePlan) -> tuple[tuple[str, str, int], ...]:

@@ -76,16 +76,26 @@ def load_run(run_prefix: str, storage: StorageConfig) -> RunData:
     if not exists(record_uri, storage):
         raise ValueError(f"{run_prefix} holds no committed run ({RUN_RECORD} missing); pass OUT/RUN_ID of a finished run")
     record = json.loads(read_bytes(record_uri, storage))
-    return RunData(record, _table(join(run_prefix, "variants"), VARIANT_SCHEMA, storage), _table(join(run_prefix, "errors"), ERROR_SCHEMA, storage).to_pylist())
+    variants = pa.schema([f for f in VARIANT_SCHEMA if f.name in REPORT_COLUMNS or (f.name.startswith("compliance_") and f.name != "compliance_notes")])
+    return RunData(record, _table(join(run_prefix, "variants"), variants, storage), _table(join(run_prefix, "errors"), ERROR_SCHEMA, storage).to_pylist())
+
+
+# The variant columns the report reads (plus every compliance_* verdict): the driver holds
+# ~0.5 KB per variant instead of the table's ~1.7 KB (docs/benchmarks.md, catalog_scale).
+REPORT_COLUMNS = {
+    "run_id", "sku", "recipe", "variant", "source_uri", "output_uri", "attempt", "passed", "reasons", "duration_s", "op_seconds",
+    "reused_from", *(col for col, _ in HISTOGRAM_SCORES), *(col for col, _ in SHEET_SCORES),
+}  # fmt: skip
 
 
 def _table(prefix: str, schema: pa.Schema, storage: StorageConfig) -> pa.Table:
-    """The table under a prefix with today's columns (missing ones null), or an empty one."""
+    """The table under a prefix with `schema`'s columns (missing ones null), or an empty one."""
     files = [u for u in list_objects(prefix, storage) if u.endswith(".parquet")]
     if not files:
         return schema.empty_table()
     fs, _ = arrow_filesystem(files[0], storage)
-    table = pads.dataset([arrow_filesystem(u, storage)[1] for u in files], filesystem=fs, format="parquet").to_table()
+    found = pads.dataset([arrow_filesystem(u, storage)[1] for u in files], filesystem=fs, format="parquet")
+    table = found.to_table(columns=[n for n in schema.names if n in found.schema.names])
     cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)
 
@@ -390,9 +400,12 @@ def _sheets_section(data: RunData, storage: StorageConfig, max_skus: int, thumb_
         if r.get("sku"):
             errors_of[r["sku"]].append(r)
     rejected = Counter(data.final.filter(pc.invert(pc.fill_null(data.final["passed"], False)))["sku"].to_pylist())
-    # SKUs needing attention first: errors, then rejected variants; then the rest by name.
-    skus = sorted(set(pc.unique(data.variants["sku"]).to_pylist()) | set(errors_of), key=lambda s: (-(s in errors_of), -rejected[s], s))
-    shown = skus[:max_skus]
+    # SKUs needing attention first: errors, then rejected variants; then the rest by name
+    # (only the first max_skus names leave Arrow: no Python list of the whole catalog).
+    attention = sorted(set(errors_of) | set(rejected), key=lambda s: (-(s in errors_of), -rejected[s], s))
+    names = pc.unique(data.variants["sku"])
+    first = names.take(pc.sort_indices(names)[: max_skus + len(attention)]).to_pylist() if len(names) else []
+    shown = (attention + [s for s in first if s not in set(attention)])[:max_skus]
     by_sku: dict[str, list[dict]] = defaultdict(list)
     for r in data.variants.filter(pc.is_in(data.variants["sku"], value_set=pa.array(shown, pa.string()))).to_pylist():
         by_sku[r["sku"]].append(r)
@@ -424,8 +437,10 @@ def _sheets_section(data: RunData, storage: StorageConfig, max_skus: int, thumb_
         for er in errors_of.get(sku, []):
             tiles.append(f"<div class='tile err'><div class='cap'><b>error</b> {html.escape(er.get('stage') or '')}: {html.escape((er.get('message') or '')[:160])}</div></div>")
         cards.append(f"<div class='sku' data-sku='{html.escape(sku)}'><h3>{html.escape(sku)}</h3><div class='tiles'>{''.join(tiles)}</div></div>")
-    more = f"<p class='muted' id='sheets-more'>{len(skus) - len(shown)} more SKUs not shown (see variants/*.parquet).</p>" if len(skus) > len(shown) else ""
-    return f"<h2>Contact sheets</h2><div id='sheets' data-shown='{len(shown)}' data-total='{len(skus)}'>{''.join(cards)}</div>{more}"
+    error_only = pc.invert(pc.is_in(pa.array(list(errors_of), pa.string()), value_set=names)) if errors_of else pa.array([], pa.bool_())
+    total = len(names) + pc.sum(error_only).as_py() if errors_of else len(names)
+    more = f"<p class='muted' id='sheets-more'>{total - len(shown)} more SKUs not shown (see variants/*.parquet).</p>" if total > len(shown) else ""
+    return f"<h2>Contact sheets</h2><div id='sheets' data-shown='{len(shown)}' data-total='{total}'>{''.join(cards)}</div>{more}"
 
 
 CSS = """

@@ -6,7 +6,9 @@ Output layout under OUT:
     RUN/variants/*.parquet        one row per (sku, recipe, variant, gate attempt); reused rows
                                   point at the image object of the run that generated them
     RUN/errors/*.parquet          one row per failed input (or input x recipe [x variant])
-    RUN/_journal/aNNNN/*.parquet  rows as each batch finished, per attempt (deleted on commit)
+    RUN/_journal/aNNNN/*.parquet  rows as each batch finished, per attempt (deleted on commit):
+                                  the passes after execution read the rows back from here
+    RUN/_prior/aNNNN-*/shard-*.parquet  reusable rows resharded by sku (deleted on commit)
     RUN/_run.json                 written last: the run is committed when it exists
     RUN/report.html               the run's story at a glance (pipelines/report.py), after commit
     _latest                       the last committed run; moves only on success
@@ -40,7 +42,7 @@ from pipelines.duplicates import flag_duplicates
 from pipelines.sink import dedupe_repeated_rows, write_tables
 from pipelines.stages import RunContext
 from pipelines.sources import DEFAULT_MAX_SOURCE_MB, DEFAULT_SOURCE_TIMEOUT_S, SourcePolicy, fetch_threads
-from pipelines.state import JOURNAL, LATEST, RUN_RECORD, PriorState, journal_attempts, load_prior, recipe_fingerprint
+from pipelines.state import JOURNAL, LATEST, PRIOR, RUN_RECORD, PriorState, journal_attempts, journal_rows, load_prior, recipe_fingerprint
 from pipelines.storage import StorageConfig, delete_objects, exists, join, list_objects, redact, write_bytes
 
 log = logging.getLogger(__name__)
@@ -182,11 +184,13 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     duplicates = find_duplicate_skus(ctx, cfg.manifest, columns, plan)
     ctx = dataclasses.replace(ctx, duplicates=duplicates)
 
-    # 4. Execute. Only metadata rows (no pixels) are materialised; images were written by workers.
-    rows = build_dataset(ctx, cfg.manifest, columns, plan).materialize()
-    rows = run_gate_retries(ctx, rows, cfg.manifest, columns, plan)
+    # 4. Execute. Workers write the images and journal each batch's metadata rows; the
+    #    driver keeps none of them (flat memory at any catalog size): the passes after this
+    #    read the rows back from the journal.
+    execute(build_dataset(ctx, cfg.manifest, columns, plan))
+    rows = run_gate_retries(ctx, cfg.manifest, columns, plan)
     rows, folded = dedupe_repeated_rows(rows, duplicates)
-    rows = flag_duplicates(rows).materialize()
+    rows = flag_duplicates(rows)
     t_exec = time.perf_counter() - t0
     summary = _summarise(rows, run_id, run_prefix, time.perf_counter() - t0, attempt)
     summary.duplicate_rows = folded
@@ -230,8 +234,8 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     write_bytes(join(run_prefix, RUN_RECORD), json.dumps(record, indent=2, default=str).encode(), storage, "application/json")
     latest = {"run_id": run_id, "committed_utc": record["created_utc"]}
     write_bytes(join(output, LATEST), json.dumps(latest).encode(), storage, "application/json")
-    try:  # the journal's rows are all in the committed tables now
-        delete_objects(list_objects(join(run_prefix, JOURNAL), storage), storage)
+    try:  # the journal's rows are all in the committed tables now; the prior shards are spent
+        delete_objects([u for sub in (JOURNAL, PRIOR) for u in list_objects(join(run_prefix, sub), storage)], storage)
     except Exception as exc:  # noqa: BLE001 - leftovers are harmless: never read once committed
         log.warning("could not delete the journal of run %s: %s", run_id, exc)
     # 6. The report: after the commit, so it reads exactly what readers will; a report that
@@ -258,21 +262,33 @@ def check_sole_driver(run_id: str, run_prefix: str, attempt: int, storage: Stora
                         f"gone too, rerun with --run-id {run_id} to commit (finished rows are reused). Run one driver per run id.")  # fmt: skip
 
 
-def run_gate_retries(ctx: RunContext, rows, manifest: str, columns: list[str], plan):
+def execute(ds) -> int:
+    """Run a plan to its end, keeping nothing: Finish has journalled every row (a count per
+    block is all that reaches the driver). Returns the rows produced."""
+    import pyarrow as pa
+
+    def count(table):
+        return pa.table({"rows": [len(table)]})
+
+    return sum(int(b["rows"].sum()) for b in ds.map_batches(count, batch_format="pyarrow", batch_size=None).iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def run_gate_retries(ctx: RunContext, manifest: str, columns: list[str], plan):
     """Regenerate variants that failed their gate, with the next attempt's seed, until they
     pass or reach their recipe's max_attempts: one more pass over the plan per attempt, for
-    just those (sku, recipe, variant)s. Returns every pass's rows together."""
+    just those (sku, recipe, variant)s. Returns every pass's rows together, as read back
+    from this attempt's journal."""
     recipes = ctx.recipes()
-    last = rows
+    seen: set[tuple[str, str, int, int]] = set()
     while True:
-        todo = retry_set(last, recipes)
+        rows = journal_rows(ctx.run_prefix, ctx.attempt, ctx.storage)
+        todo = [t for t in retry_set(rows, recipes) if t not in seen]
         if not todo:
             return rows
+        seen.update(todo)
         attempt = max(a for *_, a in todo)
         log.info("gate: regenerating %d variants that failed their gate (attempt up to %d)", len(todo), attempt)
-        retry_ctx = dataclasses.replace(ctx, retry=tuple(sorted(todo)), prior=PriorState())
-        last = build_dataset(retry_ctx, manifest, columns, plan).materialize()
-        rows = rows.union(last).materialize()
+        execute(build_dataset(dataclasses.replace(ctx, retry=tuple(sorted(todo)), prior=PriorState()), manifest, columns, plan))
 
 
 def retry_set(rows, recipes: dict) -> list[tuple[str, str, int, int]]:

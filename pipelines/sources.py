@@ -30,7 +30,16 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
 
 from pipelines.storage import ObjectData, ObjectMeta, StorageConfig, StorageError, _s3_error, is_s3, split_s3
 
@@ -103,23 +112,31 @@ class SourcePolicy:
         )
 
     def read(self, uri: str, storage: StorageConfig) -> ObjectData:
-        """Check, size, then read the source within the policy's limits."""
+        """Check, size, then read the source within the policy's limits. Transient S3 failures
+        (throttling, 5xx, a dropped connection) are retried with backoff while the source's
+        time limit lasts; a stalled request is not (it already spent a third of the limit)."""
         target = self.check(uri)
         deadline = time.monotonic() + self.timeout_s
-        if is_s3(target):
-            return self._read_s3(target, storage, deadline)
-        return self._read_local(target)
+        if not is_s3(target):
+            return self._read_local(target)
+        return _retrying(lambda: self._read_s3(target, storage, deadline), storage, deadline)
 
     def head(self, uri: str, storage: StorageConfig) -> ObjectMeta:
         """ETag and size of an allowed S3 source, within the policy's time limit."""
         target = self.check(uri)
-        bucket, key = split_s3(target)
+        deadline = time.monotonic() + self.timeout_s
+        return _retrying(lambda: self._head_s3(target, storage), storage, deadline)
+
+    def _head_s3(self, uri: str, storage: StorageConfig) -> ObjectMeta:
+        bucket, key = split_s3(uri)
         try:
             resp = source_client(storage, self.timeout_s).head_object(Bucket=bucket, Key=key)
         except (ConnectTimeoutError, ReadTimeoutError):
-            raise _timed_out(target, self.timeout_s) from None
+            raise _timed_out(uri, self.timeout_s) from None
         except (ClientError, BotoCoreError) as exc:
-            raise _s3_error(target, exc, "checking") from None
+            if _is_transient(exc):
+                raise _Transient(_s3_error(uri, exc, "checking")) from None
+            raise _s3_error(uri, exc, "checking") from None
         return ObjectMeta(resp.get("ETag", ""), int(resp["ContentLength"]))
 
     def _read_s3(self, uri: str, storage: StorageConfig, deadline: float) -> ObjectData:
@@ -158,7 +175,11 @@ class SourcePolicy:
             raise SourceTimeout(f"source {uri} timed out ({type(exc).__name__}; limit {self.timeout_s:g} s per source, "
                                 "--source-timeout); check the object or the network") from None  # fmt: skip
         except (ClientError, BotoCoreError) as exc:
+            if _is_transient(exc):
+                raise _Transient(_s3_error(uri, exc)) from None
             raise _s3_error(uri, exc) from None
+        except (OSError, ValueError) as exc:  # urllib3/http.client: the connection dropped mid-body
+            raise _Transient(StorageError(f"source {uri}: the connection dropped while reading ({type(exc).__name__}: {exc})")) from None
 
     def _read_local(self, path: str) -> ObjectData:
         try:
@@ -201,6 +222,38 @@ def _under(path: str, directory: str) -> bool:
     return directory == "/" or path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
+def _retrying(call, storage: StorageConfig, deadline: float):
+    """call() again after a transient failure, with backoff, while attempts and time last."""
+    for attempt in range(1, storage.max_attempts + 1):
+        try:
+            return call()
+        except _Transient as exc:
+            pause = min(2.0, 0.1 * 2**attempt)
+            if attempt == storage.max_attempts or time.monotonic() + pause > deadline:
+                raise exc.error from None
+            time.sleep(pause)
+    raise AssertionError("unreachable: the last attempt raises")
+
+
+class _Transient(Exception):
+    """A failure worth another attempt; `error` is what the user sees if none is left."""
+
+    def __init__(self, error: StorageError):
+        super().__init__(str(error))
+        self.error = error
+
+
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
+
+
+def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return code in _TRANSIENT_CODES or status >= 500
+    return isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ResponseStreamingError, IncompleteReadError))
+
+
 def _check_deadline(uri: str, deadline: float, timeout_s: float) -> None:
     if time.monotonic() > deadline:
         raise _timed_out(uri, timeout_s)
@@ -215,8 +268,9 @@ _clients_lock = threading.Lock()
 
 
 def source_client(cfg: StorageConfig, timeout_s: float):
-    """A boto3 client for untrusted sources: explicit connect/read timeouts, two attempts, so
-    one request can never outlast the source's own time limit by much."""
+    """A boto3 client for untrusted sources: explicit connect/read timeouts and one attempt per
+    call (SourcePolicy.read retries transient failures itself, within the source's time
+    limit), so one request can never outlast that limit by much."""
     key = (cfg, timeout_s)
     with _clients_lock:
         client = _clients.get(key)
@@ -227,7 +281,7 @@ def source_client(cfg: StorageConfig, timeout_s: float):
                 endpoint_url=cfg.endpoint_url,
                 region_name=cfg.region,
                 config=BotoConfig(connect_timeout=min(5.0, per_request), read_timeout=per_request,
-                                  retries={"total_max_attempts": 2, "mode": "standard"}, max_pool_connections=32),  # fmt: skip
+                                  retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=32),  # fmt: skip
             )
             _clients[key] = client
         return client

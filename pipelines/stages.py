@@ -62,7 +62,6 @@ class RunContext:
     # (recipe name, fingerprint of its hash and model identities): part of every state key.
     recipe_fingerprints: tuple[tuple[str, str], ...] = ()
     trust_etag: bool = True  # see docs/operations.md: when an unchanged S3 ETag may skip the GET
-    journal: bool = True  # Finish records each batch under _journal/ so a rerun can resume
     duplicates: tuple[tuple[str, str, int], ...] = ()  # (sku, kept image_uri, rows) for repeated skus
     # A gate retry pass: (sku, recipe, variant, attempt) to regenerate with that attempt's seed;
     # everything else in the manifest is skipped. Empty for the main pass.
@@ -539,7 +538,7 @@ class Finish:
                     _fail(r, getattr(exc, "stage", "write"), exc)
             out.append(self._error_row(r))
         table = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
-        if self.ctx.journal and len(table):
+        if len(table):
             self._journal(table)
         return table
 
@@ -552,11 +551,9 @@ class Finish:
         name = hashlib.sha256("\n".join(keys).encode("utf-8", "surrogatepass")).hexdigest()[:32]
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
-        try:
-            write_bytes(join(attempt_dir(self.ctx.run_prefix, self.ctx.attempt), f"{name}.parquet"), buf.getvalue().to_pybytes(), self.ctx.storage)
-        except StorageError as exc:
-            # The rows are still in the stream and will be committed; only resuming them is lost.
-            log.warning("journal write failed (%s); a rerun after an interruption would redo these %d rows", exc, len(table))
+        # No try: the journal is the run's record of these rows (the commit reads them back
+        # from it), so a failed write fails the task and Ray retries it.
+        write_bytes(join(attempt_dir(self.ctx.run_prefix, self.ctx.attempt), f"{name}.parquet"), buf.getvalue().to_pybytes(), self.ctx.storage)
 
     def _finish(self, r: dict) -> dict:
         recipe = self.recipes[r["recipe"]]

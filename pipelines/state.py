@@ -14,9 +14,10 @@ overlay mask bytes, title, category, attributes: everything an op or prompt can 
 recipe hash (every op's validated config and version) and the identity of every model the
 recipe names. Anything else is regenerated.
 
-The driver loads both sources once, splits them into shards by sku and puts the shards in
-Ray's object store; a worker fetches the one shard a row needs and keeps a few indexed in
-memory, so lookups cost a dict access and the driver never ships state per task.
+A distributed pass reads both sources once and writes them back as Parquet shards by sku
+hash (`OUT/<run>/_prior/aNNNN/shard-NNNNN.parquet`); a worker reads the one shard a row needs
+and keeps a few indexed in memory, so lookups cost a dict access. Neither the driver nor the
+object store holds the catalog's state, whatever its size.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -34,13 +36,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipelines.schema import VARIANT_SCHEMA
-from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, exists, join, list_objects, read_bytes
+from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, delete_objects, exists, join, list_objects, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
 LATEST = "_latest"
 RUN_RECORD = "_run.json"
 JOURNAL = "_journal"
+PRIOR = "_prior"  # this run's shards of reusable rows (deleted on commit, like the journal)
 SHARD_ROWS = 20_000  # rows per state shard: small enough to index in ~0.1 s on a worker
 
 
@@ -72,14 +75,21 @@ def attempt_dir(run_prefix: str, attempt: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PriorState:
-    """Shards of reusable variant rows in the object store (picklable: object refs)."""
+    """Where an attempt's reusable variant rows are: shard files by sku hash under `prefix`
+    (`present`: the shard numbers that have rows). Small and picklable: tasks carry it."""
 
-    shards: tuple = ()
+    prefix: str = ""
+    shards: int = 0
+    present: frozenset[int] = frozenset()
+    storage: StorageConfig | None = None
     committed_run: str | None = None  # the run `_latest` named, if any
     rows: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.shards)
+        return bool(self.present)
+
+    def shard_uri(self, i: int) -> str:
+        return join(self.prefix, f"shard-{i:05d}.parquet")
 
 
 def latest_run(output: str, storage: StorageConfig) -> str | None:
@@ -103,6 +113,20 @@ def journal_attempts(run_prefix: str, storage: StorageConfig) -> dict[int, list[
         if head.startswith("a") and head[1:].isdigit() and name.endswith(".parquet") and not name.startswith("."):
             out.setdefault(int(head[1:]), []).append(uri)
     return out
+
+
+def journal_rows(run_prefix: str, attempt: int, storage: StorageConfig):
+    """This attempt's output rows as a lazy Dataset read back from its journal, so that no
+    pass after execution holds the catalog's rows in the driver or the object store."""
+    import ray
+
+    from pipelines.schema import OUTPUT_SCHEMA
+
+    files = sorted(journal_attempts(run_prefix, storage).get(attempt, []))
+    if not files:
+        return ray.data.from_arrow(OUTPUT_SCHEMA.empty_table())
+    fs, _ = arrow_filesystem(files[0], storage)
+    return ray.data.read_parquet([arrow_filesystem(u, storage)[1] for u in files], filesystem=fs, schema=OUTPUT_SCHEMA)
 
 
 def _read_variants(uris: list[str], storage: StorageConfig) -> pa.Table:
@@ -129,7 +153,8 @@ def _read_variants(uris: list[str], storage: StorageConfig) -> pa.Table:
 
 def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int, full: bool) -> PriorState:
     """Reusable rows for this attempt: the journal of earlier attempts (always) and the last
-    committed run (unless `full`). Journal rows win over committed ones for the same key."""
+    committed run (unless `full`), resharded by sku on the workers. Journal rows win over
+    committed ones for the same key (see prior_rows)."""
     import ray
 
     run_prefix = join(output, run_id)
@@ -138,18 +163,60 @@ def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int
     committed_files = []
     if committed and committed != run_id:
         committed_files = [u for u in list_objects(join(output, committed, "variants"), storage) if u.endswith(".parquet")]
-    tables = []
-    for origin, files in (("committed", committed_files), ("journal", journal)):
-        t = _read_variants(files, storage)
-        tables.append(t.append_column("origin", pa.array([origin] * len(t), pa.string())))
-    table = pa.concat_tables(tables)
-    if not len(table):
+    files = [{"uri": u, "origin": "committed"} for u in committed_files] + [{"uri": u, "origin": "journal"} for u in journal]
+    if not files:
         return PriorState(committed_run=committed)
-    n = max(1, math.ceil(len(table) / SHARD_ROWS))
-    shard_ids = pa.array([shard_of(s or "", n) for s in table["sku"].to_pylist()], pa.int32())
-    refs = tuple(ray.put(table.filter(pc.equal(shard_ids, i))) for i in range(n))
-    log.info("reusable rows: %d (%d from run %s, %d from earlier attempts) in %d shards", len(table), len(tables[0]), committed, len(tables[1]), n)
-    return PriorState(shards=refs, committed_run=committed, rows=len(table))
+    # 1. Rows per file from the Parquet footers (a small read each, on the workers), for the
+    #    number of shards.
+    sources = ray.data.from_items(files, override_num_blocks=min(len(files), 64))
+    rows = sum(int(b["rows"].sum()) for b in sources.map_batches(_count_rows, fn_kwargs={"storage": storage}, batch_format="pyarrow").iter_batches(batch_size=None, batch_format="numpy"))
+    if not rows:
+        return PriorState(committed_run=committed)
+    n = max(1, math.ceil(rows / SHARD_ROWS))
+    stale = list_objects(join(run_prefix, PRIOR), storage)
+    if stale:  # an interrupted attempt's shards
+        delete_objects(stale, storage)
+    # Unique per load: workers cache shards by URI, and outlive runs on a long-lived cluster.
+    prefix = join(run_prefix, PRIOR, f"a{attempt:04d}-{uuid.uuid4().hex[:12]}")
+    # 2. Read, conform to today's schema, key by shard, write one file per shard.
+    keyed = sources.map_batches(_read_keyed, fn_kwargs={"storage": storage, "shards": n}, batch_format="pyarrow", batch_size=1)
+    written = keyed.groupby("shard").map_groups(_write_shard, fn_kwargs={"prefix": prefix, "storage": storage}, batch_format="pyarrow").take_all()
+    present = frozenset(int(r["shard"]) for r in written)
+    log.info("reusable rows: %d (from run %s and %d journal files of earlier attempts) in %d shards", rows, committed, len(journal), n)
+    return PriorState(prefix=prefix, shards=n, present=present, storage=storage, committed_run=committed, rows=rows)
+
+
+def _count_rows(batch: pa.Table, storage: StorageConfig) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    counts = []
+    for uri in batch["uri"].to_pylist():
+        fs, path = arrow_filesystem(uri, storage)
+        try:
+            with fs.open_input_file(path) as f:
+                counts.append(pq.ParquetFile(f).metadata.num_rows)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise StorageError(f"cannot read earlier results {uri}: {exc}") from None
+    return pa.table({"rows": pa.array(counts, pa.int64())})
+
+
+def _read_keyed(batch: pa.Table, storage: StorageConfig, shards: int) -> pa.Table:
+    tables = []
+    for uri, origin in zip(batch["uri"].to_pylist(), batch["origin"].to_pylist()):
+        t = _read_variants([uri], storage)
+        tables.append(t.append_column("origin", pa.array([origin] * len(t), pa.string())))
+    t = pa.concat_tables(tables)
+    return t.append_column("shard", pa.array([shard_of(s or "", shards) for s in t["sku"].to_pylist()], pa.int32()))
+
+
+def _write_shard(group: pa.Table, prefix: str, storage: StorageConfig) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    shard = int(group["shard"][0].as_py())
+    buf = pa.BufferOutputStream()
+    pq.write_table(group.drop_columns(["shard"]), buf, compression="zstd")
+    write_bytes(join(prefix, f"shard-{shard:05d}.parquet"), buf.getvalue().to_pybytes(), storage, "application/vnd.apache.parquet")
+    return pa.table({"shard": pa.array([shard], pa.int32())})
 
 
 # ---------------------------------------------------------------------------- on workers
@@ -163,14 +230,17 @@ def prior_rows(prior: PriorState, sku: str) -> dict[tuple[str, int], list[dict[s
     sku. A variant's rows from this run's earlier attempts replace the committed run's."""
     if not prior:
         return {}
-    import ray
-
-    ref = prior.shards[shard_of(sku, len(prior.shards))]
-    key = ref.hex()
+    shard = shard_of(sku, prior.shards)
+    if shard not in prior.present:
+        return {}
+    key = prior.shard_uri(shard)
     index = _shard_cache.get(key)
     if index is None:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pa.BufferReader(read_bytes(key, prior.storage)))
         by_origin: dict[str, dict[str, dict[tuple[str, int], dict[int, dict]]]] = {"committed": {}, "journal": {}}
-        for row in ray.get(ref).to_pylist():
+        for row in table.to_pylist():
             attempts = by_origin[row["origin"]].setdefault(row["sku"], {}).setdefault((row["recipe"], int(row["variant"])), {})
             attempts[int(row.get("attempt") or 1)] = row  # a retried journal write repeats a row: keep one
         index = {}

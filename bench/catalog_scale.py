@@ -1,0 +1,156 @@
+"""Does the run stay flat as the catalog grows? 1k, 10k, 100k... SKU catalogs, each run three
+times (full, no change, 1% of the source photos changed), measuring in one process:
+
+- the driver's own peak RSS (this process only: what a head node must hold for the driver),
+- the object store's peak bytes in use (sampled from the raylet),
+- the peak RSS of everything (driver + Ray's processes), and wall time.
+
+Images are small (128 px renders, stamped per SKU so every source is distinct) so that a 100k
+catalog fits an evening on two cores; the driver and object-store work per row does not
+depend on the pixel count, which is what this measures.
+
+    python bench/catalog_scale.py --counts 1000 10000 100000 --json bench/results/catalog_scale-cpu2.json
+
+(default recipe: bench/recipes/scale.yaml, one cheap op, so the per-row pipeline work shows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+
+from pipelines.run import RunConfig, run_catalog
+from pipelines.sample_catalog import render_product
+
+SIDE = 128
+TEMPLATES = 256
+
+
+class Peaks:
+    """Samples driver RSS, all-process RSS and object-store bytes in use, keeping the peaks."""
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s = every_s
+        self.driver = self.total = self.store = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _store_bytes(self) -> int:
+        try:  # a private Ray API, but the one `ray memory --stats-only` prints from
+            from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+            return int(get_memory_info_reply(get_state_from_address()).store_stats.object_store_bytes_used)
+        except Exception:  # noqa: BLE001 - a missed sample only lowers the resolution
+            return 0
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.driver = max(self.driver, me.memory_info().rss)
+            self.total = max(self.total, total)
+            self.store = max(self.store, self._store_bytes())
+            time.sleep(self.every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def write_catalog(out: Path, count: int) -> Path:
+    """`count` distinct small JPEG sources: a few hundred renders, each SKU's copy stamped with
+    its own index in a corner block, so every source hash differs."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    templates = [render_product(i, size=(SIDE, SIDE)) for i in range(TEMPLATES)]
+    with (out / "manifest.jsonl").open("w") as manifest:
+        for i in range(count):
+            r = templates[i % TEMPLATES]
+            path = out / "images" / f"SKU-{i:07d}.jpg"
+            _write_image(path, r.photo, i)
+            manifest.write(json.dumps({"sku": f"SKU-{i:07d}", "image_uri": str(path), "title": r.title, "category": r.product}) + "\n")
+    return out / "manifest.jsonl"
+
+
+def _write_image(path: Path, photo: np.ndarray, stamp: int) -> None:
+    img = photo.copy()
+    img[:8, :24] = np.frombuffer(int(stamp).to_bytes(3, "big") * 64, np.uint8).reshape(8, 24)[..., None]
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def measured(cfg: RunConfig) -> dict:
+    with Peaks() as p:
+        t0 = time.perf_counter()
+        s = run_catalog(cfg)
+        wall = time.perf_counter() - t0
+    return {"wall_s": round(wall, 1), "driver_peak_mb": round(p.driver / 2**20), "object_store_peak_mb": round(p.store / 2**20, 1),
+            "all_processes_peak_mb": round(p.total / 2**20), "generated": s.generated, "reused": s.reused, "errors": s.errors}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--counts", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--recipe", default=str(Path(__file__).parent / "recipes" / "scale.yaml"))
+    ap.add_argument("--changed", type=float, default=0.01, help="share of sources changed before the third run")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="skustudio-bench-scale-"))
+
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    results: dict[str, dict] = {}
+    for count in args.counts:
+        t0 = time.perf_counter()
+        manifest = write_catalog(work / f"cat-{count}", count)
+        print(f"{count} skus: catalog written in {time.perf_counter() - t0:.0f}s", flush=True)
+        base = dict(manifest=str(manifest), recipes=(args.recipe,), output=str(work / f"runs-{count}"))
+        runs = {"full": measured(RunConfig(**base, run_id="full"))}
+        print("  full     ", runs["full"], flush=True)
+        runs["no_change"] = measured(RunConfig(**base, run_id="nochange"))
+        print("  no change", runs["no_change"], flush=True)
+        changed = max(1, int(count * args.changed))
+        for i in range(0, count, count // changed)[:changed]:
+            r = render_product(i % TEMPLATES, size=(SIDE, SIDE))
+            _write_image(work / f"cat-{count}" / "images" / f"SKU-{i:07d}.jpg", 255 - r.photo, i)
+        runs["changed"] = {**measured(RunConfig(**base, run_id="changed")), "sources_changed": changed}
+        print("  changed  ", runs["changed"], flush=True)
+        results[str(count)] = runs
+
+    first = results[str(args.counts[0])]
+    print("\nratios to the smallest catalog (flat: 10x the SKUs within 1.2x, 100x within 1.5x):")
+    for count in args.counts[1:]:
+        r = results[str(count)]
+        for run in ("full", "no_change", "changed"):
+            print(f"  {count:>7} {run:<9} driver {r[run]['driver_peak_mb'] / first[run]['driver_peak_mb']:.2f}x, "
+                  f"object store {r[run]['object_store_peak_mb'] / max(first[run]['object_store_peak_mb'], 1):.2f}x, "
+                  f"wall per sku {r[run]['wall_s'] / count / (first[run]['wall_s'] / args.counts[0]):.2f}x")  # fmt: skip
+    device = f"{platform.machine()}, {os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, no GPU"
+    print(f"device: {device}; recipe {args.recipe}; {SIDE} px sources")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "recipe": args.recipe, "side_px": SIDE, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
