@@ -5,7 +5,7 @@ times (full, no change, 1% of the source photos changed), measuring in one proce
 - the object store's peak bytes in use (sampled from the raylet),
 - the peak RSS of everything (driver + Ray's processes), and wall time.
 
-Images are small (128 px renders, stamped per SKU so every source is distinct) so that a 100k
+Images are small (128 px renders, varied per SKU so every source is distinct) so that a 100k
 catalog fits an evening on two cores; the driver and object-store work per row does not
 depend on the pixel count, which is what this measures.
 
@@ -34,7 +34,7 @@ from pipelines.run import RunConfig, run_catalog
 from pipelines.sample_catalog import render_product
 
 SIDE = 128
-TEMPLATES = 256
+COPIES = 20  # SKUs per rendered template (rendering is the slow part of writing a catalog)
 
 
 class Peaks:
@@ -48,9 +48,11 @@ class Peaks:
 
     def _store_bytes(self) -> int:
         try:  # a private Ray API, but the one `ray memory --stats-only` prints from
+            import ray
             from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-            return int(get_memory_info_reply(get_state_from_address()).store_stats.object_store_bytes_used)
+            state = get_state_from_address(ray.get_runtime_context().gcs_address)
+            return int(get_memory_info_reply(state).store_stats.object_store_bytes_used)
         except Exception:  # noqa: BLE001 - a missed sample only lowers the resolution
             return 0
 
@@ -78,13 +80,15 @@ class Peaks:
 
 
 def write_catalog(out: Path, count: int) -> Path:
-    """`count` distinct small JPEG sources: a few hundred renders, each SKU's copy stamped with
-    its own index in a corner block, so every source hash differs."""
+    """`count` distinct small JPEG sources from count/20 renders: each SKU's copy is
+    cropped, mirrored and tinted its own way (so its perceptual hash differs from its
+    template's, as real catalogs' photos do: otherwise the near-duplicate flags would be
+    measuring a catalog of a few photos listed many times each) and stamped with its index."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    templates = [render_product(i, size=(SIDE, SIDE)) for i in range(TEMPLATES)]
+    templates = [render_product(i, size=(SIDE, SIDE)) for i in range(max(1, count // COPIES))]
     with (out / "manifest.jsonl").open("w") as manifest:
         for i in range(count):
-            r = templates[i % TEMPLATES]
+            r = templates[i % len(templates)]
             path = out / "images" / f"SKU-{i:07d}.jpg"
             _write_image(path, r.photo, i)
             manifest.write(json.dumps({"sku": f"SKU-{i:07d}", "image_uri": str(path), "title": r.title, "category": r.product}) + "\n")
@@ -92,7 +96,13 @@ def write_catalog(out: Path, count: int) -> Path:
 
 
 def _write_image(path: Path, photo: np.ndarray, stamp: int) -> None:
-    img = photo.copy()
+    rng = np.random.default_rng(stamp)
+    dy, dx = rng.integers(0, SIDE // 3, 2)
+    side = SIDE - max(dy, dx)
+    img = cv2.resize(np.ascontiguousarray(photo[dy : dy + side, dx : dx + side]), (SIDE, SIDE), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    img = np.clip(img.astype(np.float32) * rng.uniform(0.7, 1.3, 3) + rng.uniform(-30, 30), 0, 255).astype(np.uint8)
     img[:8, :24] = np.frombuffer(int(stamp).to_bytes(3, "big") * 64, np.uint8).reshape(8, 24)[..., None]
     cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
@@ -110,6 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--recipe", default=str(Path(__file__).parent / "recipes" / "scale.yaml"))
+    ap.add_argument("--batch-size", type=int, default=64, help="rows per CPU task (small images: large batches, as a user would set)")
     ap.add_argument("--changed", type=float, default=0.01, help="share of sources changed before the third run")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
@@ -125,14 +136,14 @@ def main() -> None:
         t0 = time.perf_counter()
         manifest = write_catalog(work / f"cat-{count}", count)
         print(f"{count} skus: catalog written in {time.perf_counter() - t0:.0f}s", flush=True)
-        base = dict(manifest=str(manifest), recipes=(args.recipe,), output=str(work / f"runs-{count}"))
+        base = dict(manifest=str(manifest), recipes=(args.recipe,), output=str(work / f"runs-{count}"), cpu_batch_size=args.batch_size)
         runs = {"full": measured(RunConfig(**base, run_id="full"))}
         print("  full     ", runs["full"], flush=True)
         runs["no_change"] = measured(RunConfig(**base, run_id="nochange"))
         print("  no change", runs["no_change"], flush=True)
         changed = max(1, int(count * args.changed))
         for i in range(0, count, count // changed)[:changed]:
-            r = render_product(i % TEMPLATES, size=(SIDE, SIDE))
+            r = render_product(i % max(1, count // COPIES), size=(SIDE, SIDE))
             _write_image(work / f"cat-{count}" / "images" / f"SKU-{i:07d}.jpg", 255 - r.photo, i)
         runs["changed"] = {**measured(RunConfig(**base, run_id="changed")), "sources_changed": changed}
         print("  changed  ", runs["changed"], flush=True)

@@ -4,7 +4,8 @@
   `VARIANT_DISTANCE` bits of a lower-numbered variant names it (a wasted slot: e.g. a
   deterministic recipe asked for several variants, or a generator that collapsed);
 - `shared_source_skus`: other SKUs whose source photo is within `SOURCE_DISTANCE` bits of this
-  one's (one photo listed for several products is usually a catalog mistake).
+  one's (one photo listed for several products is usually a catalog mistake), at most
+  SHARED_LIST_MAX of them.
 
 Hashes are 64-bit DCT hashes (`ops.scores.phash`). Catalog-wide pairs are found by banding:
 two hashes within 3 bits agree exactly on at least one of four 16-bit bands, so only SKUs
@@ -26,6 +27,10 @@ from ops.scores import phash_distance
 log = logging.getLogger(__name__)
 
 VARIANT_DISTANCE = 4
+# At most this many other SKUs named per SKU in `shared_source_skus` (the lowest by name): one
+# photo listed under thousands of SKUs would otherwise make the flag lists, and the driver,
+# grow with the square of that count. The flag is the signal; the list is a sample.
+SHARED_LIST_MAX = 20
 SOURCE_DISTANCE = 3  # must stay < 4 for the 4-band candidate search to be exact
 
 
@@ -91,10 +96,10 @@ def flag_duplicates(rows):
         repeats[(r["sku"], r["recipe"], int(r["variant"]))] = int(r["of"])
     shared: dict[str, set[str]] = defaultdict(set)
     for r in _grouped(hashes.map_batches(_by_band_bucket, batch_format="pyarrow"), _shared_in_group):
-        shared[r["sku"]].add(r["other"])
+        shared[r["sku"]].add(r["other"])  # <= 4 groups x SHARED_LIST_MAX per sku
     if repeats or shared:
         log.info("near-duplicates: %d repeated variants, %d skus sharing a source photo", len(repeats), len(shared))
-    return rows.map_batches(_Flag(repeats, {k: sorted(v) for k, v in shared.items()}), batch_format="pyarrow")
+    return rows.map_batches(_Flag(repeats, {k: sorted(v)[:SHARED_LIST_MAX] for k, v in shared.items()}), batch_format="pyarrow")
 
 
 def _grouped(keyed, fn) -> list[dict]:
@@ -136,7 +141,7 @@ def _repeats_in_group(table: pa.Table) -> pa.Table:
 
 def _shared_in_group(table: pa.Table) -> pa.Table:
     found = shared_sources(set(zip(table["sku"].to_pylist(), table["source_phash"].to_pylist())))
-    pairs = [(sku, other) for sku, others in found.items() for other in others]
+    pairs = [(sku, other) for sku, others in found.items() for other in others[:SHARED_LIST_MAX]]
     return pa.table({"sku": pa.array([a for a, _ in pairs], pa.string()), "other": pa.array([b for _, b in pairs], pa.string())})
 
 
