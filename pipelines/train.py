@@ -82,6 +82,7 @@ class TrainConfig:
     class_prompt: str = ""
     workers: int = 1
     use_gpu: bool | None = None  # None: GPU workers when the cluster has GPUs
+    cpus_per_worker: float = 1.0
     gradient_checkpointing: bool = False
     max_failures: int = 2  # worker failures Ray Train recovers from (each resumes from a checkpoint)
     skip_bad_rows: bool = False
@@ -193,7 +194,7 @@ def train_adapter(cfg: TrainConfig) -> TrainSummary:
     trainer = TorchTrainer(
         _loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name,

@@ -19,7 +19,8 @@ from pipelines.model_store import ModelStore
 from pipelines.sample_catalog import render_product, write_sample_catalog
 from pipelines.train import TrainConfig, TrainDataError, train_adapter
 
-FAST = {"resolution": 32, "rank": 4, "steps": 8, "checkpoint_every": 3, "learning_rate": 5e-3, "workers": 2, "batch_size": 2}
+# Half a CPU per worker: the session's Ray has 2 CPUs, and the examples' data pass needs one.
+FAST = {"resolution": 32, "rank": 4, "steps": 8, "checkpoint_every": 3, "learning_rate": 5e-3, "workers": 2, "batch_size": 2, "cpus_per_worker": 0.5}
 
 
 @pytest.fixture(scope="module")
