@@ -111,3 +111,32 @@ def test_a_training_is_submitted_as_a_ray_job_with_a_checked_command_line():
     assert run_entrypoint(args, "train").startswith("skustudio train --manifest s3://shop/catalog.parquet") and run_entrypoint(args, "train").endswith("--address auto")
     with pytest.raises(ValueError, match="not a valid `skustudio train` command line"):
         check_run_args(["--manifest", "m.jsonl"], "train")  # no base model, no output
+
+
+def test_an_adapter_trained_from_s3_lands_in_the_s3_model_store(ray_session, s3_endpoint, bucket, tmp_path, catalog, tiny_models):
+    from tests.conftest import upload
+
+    from pipelines.storage import StorageConfig
+
+    base = upload(s3_endpoint, bucket, "models/sd", tiny_models["sd"])
+    inpaint = upload(s3_endpoint, bucket, "models/sd-inpaint", tiny_models["sd_inpaint"])
+    out = f"s3://{bucket}/adapters/bottles"
+    s = train_adapter(_cfg(catalog, tiny_models, out, base_model=base, s3_endpoint=s3_endpoint, steps=3, checkpoint_every=2, model_cache=str(tmp_path / "cache")))
+    assert s.steps == 3
+    import boto3
+
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket, Prefix="adapters/")["Contents"]]
+    assert any(k.startswith(f"adapters/bottles.checkpoints/{s.name}/") and k.endswith("/adapter_state.safetensors") for k in keys), keys
+    # Checkpoints and the adapter went to S3; the store classifies and fetches the adapter like any model.
+    store = ModelStore(tmp_path / "cache", StorageConfig(endpoint_url=s3_endpoint, region="us-east-1"))
+    assert store.describe(out).kind == "lora"
+    local = store.fetch(out)
+    card = json.loads((local.path / TRAINING_CARD).read_text())
+    assert card["base_model"]["sha256"] == content_sha256(tiny_models["sd"]) and card["steps"] == 3
+    # scene with the S3 base and the S3 adapter, both through the store as a run fetches them.
+    op = op_class("scene")({"model": inpaint, "size": 64, "steps": 2, "lora": {"model": out, "scale": 1.0}})
+    op.bind_models({field: store.fetch(ref) for field, ref in op.model_refs().items()})
+    assert set(op.model_refs()) == {"model", "lora.0"}
+    r = render_product(3, product="bottle", background="plain", degradation="none", size=(96, 96))
+    batch = batch_of([Item(r.photo, r.mask, identity_affine(), 7, {})], {"image": None, "title": ["glass bottle"], "category": ["bottles"], "attributes": ["{}"]})
+    assert not np.array_equal(op(batch)["image"][0], _scene(tiny_models))
