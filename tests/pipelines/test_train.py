@@ -140,3 +140,16 @@ def test_an_adapter_trained_from_s3_lands_in_the_s3_model_store(ray_session, s3_
     r = render_product(3, product="bottle", background="plain", degradation="none", size=(96, 96))
     batch = batch_of([Item(r.photo, r.mask, identity_affine(), 7, {})], {"image": None, "title": ["glass bottle"], "category": ["bottles"], "attributes": ["{}"]})
     assert not np.array_equal(op(batch)["image"][0], _scene(tiny_models))
+    # A recipe run names the adapter like any model: in each row's model / model_sha256.
+    from pipelines.run import RunConfig, run_catalog
+    import pyarrow.parquet as pq
+
+    recipe = tmp_path / "tuned.yaml"
+    recipe.write_text(json.dumps({"name": "tuned", "output": {"format": "PNG"}, "ops": [
+        {"op": "remove_background"}, {"op": "compose", "params": {"size": 96, "fill": 0.8}},
+        {"op": "scene", "params": {"model": inpaint, "size": 64, "steps": 2, "lora": {"model": out, "scale": 0.8}}}]}))  # fmt: skip
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(line + "\n" for line in catalog.read_text().splitlines()[:2]))
+    run_catalog(RunConfig(manifest=str(small), recipes=(str(recipe),), output=str(tmp_path / "runs"), run_id="tuned", s3_endpoint=s3_endpoint, model_cache=str(tmp_path / "cache")))
+    rows = pq.read_table(tmp_path / "runs" / "tuned" / "variants").to_pylist()
+    assert len(rows) == 2 and all(r["model"][-1] == out and r["model_sha256"][-1] == local.sha256 for r in rows), rows
