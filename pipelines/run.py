@@ -185,7 +185,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     ctx = dataclasses.replace(ctx, duplicates=duplicates)
 
     # 4. Execute. Workers write the images and journal each batch's metadata rows; the
-    #    driver keeps none of them (flat memory at any catalog size): the passes after this
+    #    driver keeps none of them (bench/catalog_scale.py measures what it does hold): the passes after this
     #    read the rows back from the journal.
     execute(build_dataset(ctx, cfg.manifest, columns, plan))
     rows = run_gate_retries(ctx, cfg.manifest, columns, plan)
