@@ -17,7 +17,7 @@ recipe names. Anything else is regenerated.
 A distributed pass reads both sources once and writes them back as Parquet shards by sku
 hash (`OUT/<run>/_prior/aNNNN/shard-NNNNN.parquet`); a worker reads the one shard a row needs
 and keeps a few indexed in memory, so lookups cost a dict access. Neither the driver nor the
-object store holds the catalog's state, whatever its size.
+object store holds the prior rows.
 """
 
 from __future__ import annotations
