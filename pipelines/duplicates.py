@@ -83,20 +83,30 @@ def shared_sources(pairs: set[tuple[str, str]], distance: int = SOURCE_DISTANCE)
 BUCKETS = 256  # groups of the distributed passes: each sees ~1/256 of the hashes
 
 
-def flag_duplicates(rows):
+LOCAL_ROWS = 100_000  # up to this many rows the hashes (~200 B a row) are searched on the driver
+
+
+def flag_duplicates(rows, n_rows: int | None = None):
     """The run's rows with `duplicate_of_variant` and `shared_source_skus` filled in.
 
-    Both searches run on the workers, grouped so that every pair they must compare meets in
-    one group: a SKU's variants by the SKU's bucket, source hashes by their band values'
-    buckets (two hashes within SOURCE_DISTANCE share a band value). Only the flagged keys,
-    a handful per catalog, come back to the driver."""
+    Above LOCAL_ROWS rows both searches run on the workers, grouped so that every pair they
+    must compare meets in one group: a SKU's variants by the SKU's bucket, source hashes by
+    their band values' buckets (two hashes within SOURCE_DISTANCE share a band value), and
+    only the flagged keys come back to the driver. Below it, the hash columns (a few MB)
+    come to the driver instead: the same search without two shuffles' start-up cost."""
     hashes = rows.map_batches(_variant_hashes, batch_format="pyarrow")
-    repeats = {}
-    for r in _grouped(hashes.map_batches(_by_sku_bucket, batch_format="pyarrow"), _repeats_in_group):
-        repeats[(r["sku"], r["recipe"], int(r["variant"]))] = int(r["of"])
+    repeats: dict[tuple[str, str, int], int] = {}
     shared: dict[str, set[str]] = defaultdict(set)
-    for r in _grouped(hashes.map_batches(_by_band_bucket, batch_format="pyarrow"), _shared_in_group):
-        shared[r["sku"]].add(r["other"])  # <= 4 groups x SHARED_LIST_MAX per sku
+    if n_rows is not None and n_rows <= LOCAL_ROWS:
+        meta = [r for b in hashes.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
+        repeats = variant_repeats(meta)
+        for sku, others in shared_sources({(r["sku"], r["source_phash"]) for r in meta}).items():
+            shared[sku].update(others)
+    else:
+        for r in _grouped(hashes.map_batches(_by_sku_bucket, batch_format="pyarrow"), _repeats_in_group):
+            repeats[(r["sku"], r["recipe"], int(r["variant"]))] = int(r["of"])
+        for r in _grouped(hashes.map_batches(_by_band_bucket, batch_format="pyarrow"), _shared_in_group):
+            shared[r["sku"]].add(r["other"])  # <= 4 groups x SHARED_LIST_MAX per sku
     if repeats or shared:
         log.info("near-duplicates: %d repeated variants, %d skus sharing a source photo", len(repeats), len(shared))
     return rows.map_batches(_Flag(repeats, {k: sorted(v)[:SHARED_LIST_MAX] for k, v in shared.items()}), batch_format="pyarrow")

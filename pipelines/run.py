@@ -187,10 +187,10 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     # 4. Execute. Workers write the images and journal each batch's metadata rows; the
     #    driver keeps none of them (bench/catalog_scale.py measures what it does hold): the passes after this
     #    read the rows back from the journal.
-    execute(build_dataset(ctx, cfg.manifest, columns, plan))
+    produced = execute(build_dataset(ctx, cfg.manifest, columns, plan))
     rows = run_gate_retries(ctx, cfg.manifest, columns, plan)
     rows, folded = dedupe_repeated_rows(rows, duplicates)
-    rows = flag_duplicates(rows)
+    rows = flag_duplicates(rows, n_rows=produced)
     t_exec = time.perf_counter() - t0
     summary = _summarise(rows, run_id, run_prefix, time.perf_counter() - t0, attempt)
     summary.duplicate_rows = folded

@@ -50,3 +50,32 @@ def test_repeated_variants_point_at_the_first():
         {"sku": "T", "recipe": "r", "variant": 0, "phash": _hash(a)},  # another SKU: not a repeat
     ]
     assert variant_repeats(rows) == {("S", "r", 2): 0}
+
+
+def test_the_distributed_search_flags_exactly_what_the_driver_search_does(ray_session):
+    """Large catalogs search on the workers (grouped by buckets), small ones on the driver:
+    both must flag the same rows. Real hashes: re-encoded copies shared across SKUs, a SKU
+    whose two variants repeat, and distinct products."""
+    import pyarrow as pa
+    import ray
+
+    from pipelines.duplicates import flag_duplicates
+    from pipelines.schema import OUTPUT_SCHEMA
+
+    photos = [render_product(i, size=(160, 160)).photo for i in range(6)]
+    rows = []
+    for i in range(30):
+        src = _hash(_reencoded(photos[i % 6], 70 + i % 20)) if i < 12 else _hash(render_product(100 + i, size=(160, 160)).photo)
+        for v in range(2):
+            ph = _hash(photos[i % 6]) if i % 5 == 0 else _hash(render_product(200 + 2 * i + v, size=(160, 160)).photo)
+            rows.append({"kind": "variant", "sku": f"S{i:02d}", "recipe": "r", "variant": v, "attempt": 1, "phash": ph, "source_phash": src})
+    rows.append({"kind": "error", "sku": "BAD", "recipe": None, "variant": None})
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)).repartition(4)
+
+    def flags(n_rows):
+        out = flag_duplicates(ds, n_rows=n_rows).take_all()
+        return sorted((r["sku"], r["variant"], r["duplicate_of_variant"], tuple(r["shared_source_skus"] or ())) for r in out if r["kind"] == "variant")
+
+    local, distributed = flags(len(rows)), flags(None)
+    assert local == distributed
+    assert any(d is not None for _, _, d, _ in local) and any(s for *_, s in local)  # both kinds were found
