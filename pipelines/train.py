@@ -40,6 +40,7 @@ import pyarrow as pa
 from ops.models import LORA_WEIGHTS, TRAINING_CARD, ModelError
 from ops.prompts import check_template, render
 from pipelines.storage import StorageConfig, arrow_filesystem, is_s3, join, redact, write_bytes
+from pipelines.train_loop import LORA_TARGETS, TRAIN_STATE  # light: torch is imported on the workers
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def train_adapter(cfg: TrainConfig) -> TrainSummary:
     #    train_loop.py), so batches do not depend on how a split was scheduled.
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster.get("GPU", 0) >= cfg.workers
     fs, path = arrow_filesystem(checkpoints, storage)
-    loop_config = {**cfg.hyperparameters(), "alpha": cfg.alpha or float(cfg.rank), "base_model": cfg.base_model, "model_cache": cfg.model_cache,
+    loop_config = {**cfg.hyperparameters(), "base_model": cfg.base_model, "model_cache": cfg.model_cache,
                    "storage": storage, "name": name, "fault_at_step": cfg.fault_at_step, "fault_marker": join(checkpoints, name, "_fault_injected")}  # fmt: skip
     trainer = TorchTrainer(
         _loop,
@@ -218,8 +219,6 @@ def train_adapter(cfg: TrainConfig) -> TrainSummary:
     # 4. The adapter and its card into the model store.
     with tempfile.TemporaryDirectory() as tmp:
         result.checkpoint.to_directory(tmp)
-        from pipelines.train_loop import TRAIN_STATE
-
         state = json.loads((Path(tmp) / TRAIN_STATE).read_text())
         weights = (Path(tmp) / LORA_WEIGHTS).read_bytes()
     card = {
@@ -230,7 +229,7 @@ def train_adapter(cfg: TrainConfig) -> TrainSummary:
         "data": {"manifest": redact(cfg.manifest), "sha256": data_sha, "examples": n, "skipped_rows": len(bad), "filter": _filter_record(cfg)},
         "caption_template": cfg.caption,
         "trigger": cfg.trigger,
-        "lora": {"rank": cfg.rank, "alpha": cfg.alpha or float(cfg.rank), "target_modules": _targets()},
+        "lora": {"rank": cfg.rank, "alpha": cfg.hyperparameters()["alpha"], "target_modules": LORA_TARGETS},
         **{k: v for k, v in cfg.hyperparameters().items() if k not in ("rank", "alpha")},
         "loss_curve": state["losses"],
         "eval_loss": {"start": state["eval_loss_start"], "end": state.get("eval_loss_end")},
@@ -249,12 +248,6 @@ def _loop(config):  # a module-level name Ray can pickle by reference
     from pipelines.train_loop import train_loop
 
     train_loop(config)
-
-
-def _targets() -> list[str]:
-    from pipelines.train_loop import LORA_TARGETS
-
-    return LORA_TARGETS
 
 
 # ------------------------------------------------------------------------------ data
