@@ -13,8 +13,11 @@ through `QualityModels`, the recipe scorer. Then, in one process, on the same im
   (`scores: {resources: {gpus: ...}}`): fp16 on CUDA, as a GPU pool actor runs it.
 
     python bench/clip_scores.py --images 16 --batch 8 [--json out.json]
+    python bench/clip_scores.py --images 256 --gpu-sweep 8 16 32 64 --json out.json   # GPU only
 
-Prints ms per image for each path and the ratio to the baseline.
+Prints ms per image for each path and the ratio to the baseline. `--gpu-sweep` skips the CPU
+paths and times the GPU pool path at each batch size, with FLOPs per image (counted with
+torch.utils.flop_counter), TFLOP/s and MFU against the device's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -76,13 +79,46 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8, help="images per call on the pool paths")
     ap.add_argument("--size", type=int, default=1600, help="long side of the scored images (the processor resizes to 224)")
+    ap.add_argument("--gpu-sweep", type=int, nargs="*", default=None, help="GPU only: time the pool path at each of these batch sizes")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="clip-bench-"))
     try:
-        run(args, root)
+        gpu_sweep(args, root) if args.gpu_sweep else run(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)  # ~3 GB of fp32 weights
+
+
+def gpu_sweep(args, root: Path) -> None:
+    import torch
+
+    from bench.mfu import count_flops, peak_tflops, utilisation
+    from ops.base import Resources
+    from ops.quality_models import QualityModels
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu-sweep needs a CUDA device")
+    models = build_models(root)
+    images = _images(args.images, args.size)
+    contexts = [{"title": f"Stainless steel water bottle {i}", "attributes": {"color": "blue"}} for i in range(len(images))]
+    scorer = QualityModels({**models, "clip_prompt": "{title}, {attributes.color}"}, resources=Resources(cpus=1, gpus=1))
+    scorer.score_batch(images[:2], contexts[:2])  # loads and warms up
+    name = torch.cuda.get_device_name()
+    per_image = count_flops(lambda: scorer.score_batch(images[:8], contexts[:8])) / 8
+    out = {"device": name, "images": len(images), "size": args.size, "flops_per_image": int(per_image), "peak_bf16_dense_tflops": peak_tflops(name), "sweep": {}}
+    for batch in args.gpu_sweep:
+        scorer.score_batch(images[:batch], contexts[:batch])
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for i in range(0, len(images), batch):
+            scorer.score_batch(images[i : i + batch], contexts[i : i + batch])
+        torch.cuda.synchronize()
+        ips = len(images) / (time.perf_counter() - t)
+        out["sweep"][str(batch)] = {"images_per_s": round(ips, 2), "ms_per_image": round(1000 / ips, 3), **utilisation(per_image, ips, name)}
+        print(f"clip+safety on {name}, batch {batch}: {out['sweep'][str(batch)]}", flush=True)
+    out["best_batch"] = int(max(out["sweep"], key=lambda b: out["sweep"][b]["images_per_s"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 def run(args, root: Path) -> None:

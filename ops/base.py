@@ -11,7 +11,10 @@ An op has
 - for ops with weights, `model_fields` (config fields holding model references) and
   `check_model()` (does a model of this type fit the op); the pipeline fetches each model
   through its model store and binds the local copies (`bind_models`) before `setup()`,
-- a batch call, `op(batch) -> batch`, over a columnar `Batch`.
+- a batch call, `op(batch) -> batch`, over a columnar `Batch`,
+- or, for ops built around one model call (`PhasedOp`), three phases the pipeline can place
+  apart: `prepare` (CPU: the model's input per row), `run_model` (tensors and the model only,
+  on a GPU pool's actor) and `finish` (CPU: back to the row's geometry).
 
 Ops never import Ray: the pipeline decides where they run.
 """
@@ -163,6 +166,18 @@ def identity_affine() -> np.ndarray:
     return np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
+@dataclasses.dataclass
+class Staged:
+    """One row's model input, prepared on a CPU worker for a `PhasedOp`'s model phase. The
+    pipeline carries it between stages as row columns (`staged_image`, `staged_mask`,
+    `staged_meta`), so everything here is arrays and JSON-able values."""
+
+    image: np.ndarray  # the model's input canvas (HxWx3 uint8), exactly the size it runs at
+    mask: np.ndarray  # HxW uint8 on the same canvas, or NO_MASK
+    seed: int
+    meta: dict[str, Any]  # JSON-able: prompts, canvas size, whatever finish() needs
+
+
 class Op:
     """Base class for image operations. Subclasses set `name`, `version`, `Config`."""
 
@@ -178,6 +193,8 @@ class Op:
     generative: ClassVar[bool] = False
     # Config fields that hold model references (local path or s3:// URI).
     model_fields: ClassVar[tuple[str, ...]] = ()
+    # True for PhasedOp: its per-row CPU work can run in CPU stages around its model's pool.
+    phased: ClassVar[bool] = False
 
     def __init__(self, config: Mapping[str, Any] | OpConfig | None = None, *, resources: Resources | None = None):
         self.config = self.validate_config(config)
@@ -241,6 +258,37 @@ class Op:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+class PhasedOp(Op):
+    """An op whose model call can be placed apart from its per-row CPU work, so a GPU actor
+    only moves tensors and calls the model while CPU workers prepare the next batches and
+    finish the last ones:
+
+        prepare(item) -> Staged           CPU: canvas, masks, prompts (raises for a bad row)
+        run_model([Staged]) -> [array]    the model: one output array per row, batched
+        finish(item, staged, output)      CPU: back to the row's resolution and geometry
+
+    Called directly (notebooks, tests, a CPU stage) the op runs the three phases in turn, so
+    both paths give the same pixels."""
+
+    phased = True
+
+    def __call__(self, batch: Batch) -> Batch:
+        self.ensure_setup()
+        items = items_of(batch)
+        staged = [self.prepare(item) for item in items]
+        outputs = self.run_model(staged)
+        return batch_of([self.finish(item, s, out) for item, s, out in zip(items, staged, outputs)], batch)
+
+    def prepare(self, item: Item) -> Staged:
+        raise NotImplementedError
+
+    def run_model(self, staged: list[Staged]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def finish(self, item: Item, staged: Staged, output: np.ndarray) -> Item:
+        raise NotImplementedError
 
 
 def _describe_validation_error(op_name: str, exc: ValidationError) -> str:

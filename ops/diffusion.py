@@ -4,7 +4,9 @@ the product's own pixels composited back after every one of them.
 Each op loads a diffusers `save_pretrained` directory from the model store once per worker,
 renders a prompt per row from its template and the row's catalog fields, and runs rows of
 the same working-canvas size through the pipeline together on a GPU (one call, a generator
-per row). A generator per row fixes each row's noise, but a batched UNet's arithmetic still
+per row). The ops are `PhasedOp`s: in a run, canvas preparation and paste-back run in CPU
+stages around the GPU pool, and the pool's actor only stacks staged canvases into tensors
+(pinned memory, fixed batch shapes) and calls the pipeline, compiled by default on CUDA. A generator per row fixes each row's noise, but a batched UNet's arithmetic still
 depends on the batch size by a few 1/255 steps; on the CPU, where batching buys little, each
 row runs alone, so a rerun reproduces its image bit for bit whatever rows shared its batch.
 
@@ -16,24 +18,23 @@ the canvas size.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
+import time
 from typing import Any, ClassVar, Literal
 
 import cv2
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ops.base import Batch, Item, Op, OpConfig, OpInputError, Resources, batch_of, has_mask, items_of
+from ops.base import NO_MASK, Item, OpConfig, OpInputError, PhasedOp, Resources, Staged, has_mask
 from ops.composite import feather_alpha, paste_product, product_core, repaint_mask
 from ops.geometry import parse_aspect, translate_step
 from ops.models import LORA_WEIGHTS, LocalModel, ModelError, ModelInfo, offline_hub
 from ops.prompts import check_template, render
 from ops.registry import register
-from ops.torch_runtime import Device, Precision, Runtime, device_lock, generators, pick_runtime
+from ops.torch_runtime import Device, Precision, Runtime, device_lock, generators, images_to_uint8, pick_runtime, staged_tensor, use_compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class DiffusionConfig(OpConfig):
     max_batch: int = Field(8, ge=1, le=64, description="rows per pipeline call on a GPU (one on the CPU)")
     device: Device = "auto"
     precision: Precision = "auto"
-    compile: bool = Field(False, description="torch.compile the UNet (CUDA only; the first batch pays the compile)")
+    compile: bool | None = Field(
+        None, description="torch.compile the UNet: default on CUDA (compiled once per node into a cache; see docs/benchmarks.md), never on the CPU; false turns it off"
+    )
     lora: list[LoraRef] = Field(default_factory=list, description="LoRA adapters on the UNet: {model, scale} or a list of them")
 
     @field_validator("lora", mode="before")
@@ -81,23 +84,10 @@ class DiffusionConfig(OpConfig):
         return check_template(v, op_name="diffusion")
 
 
-@dataclasses.dataclass
-class _Job:
-    """One row's pipeline input on the working canvas."""
-
-    row: int
-    image: Image.Image
-    mask: Image.Image | None
-    prompt: str
-    negative: str
-    seed: int
-    canvas: tuple[int, int]  # (width, height)
-    alpha: np.ndarray | None = None  # full-resolution paste-back alpha, computed once
-
-
-class DiffusionOp(Op):
+class DiffusionOp(PhasedOp):
     """Shared machinery; subclasses say which pipeline they need and how a row maps to and
-    from the canvas."""
+    from the canvas. In a run, `prepare` and `finish` run in CPU stages around the GPU pool,
+    whose actor only stacks the staged canvases into tensors and calls the pipeline."""
 
     Config = DiffusionConfig
     uses_seed = True
@@ -141,34 +131,35 @@ class DiffusionOp(Op):
     def setup(self) -> None:
         c = self.config
         self.runtime = pick_runtime(c.device, c.precision, cpu_threads=self.resources.cpus)
+        # Compiled by default on CUDA, where it pays (docs/benchmarks.md); never on the CPU.
+        self.compiled = self.runtime.on_gpu and (c.compile is None or c.compile)
         adapters = tuple((self.models[f"lora.{i}"], a.scale) for i, a in enumerate(c.lora))
-        self.pipe = load_pipeline(self.models["model"], self.pipeline_kind, self.runtime, compile_unet=c.compile, adapters=adapters)
+        self.pipe = load_pipeline(self.models["model"], self.pipeline_kind, self.runtime, compile_unet=self.compiled, adapters=adapters)
         self.lock = device_lock(self.models["model"].sha256)
+        if self.compiled:
+            self.warm_up()
 
-    # ------------------------------------------------------------------ rows
+    def warm_up(self) -> None:
+        """Compile the UNet now, at the batch shape every call will have (a full batch on the
+        square canvas), so the first real batch does not pay it; with the node's compile cache
+        warm this is a cache load. If compiling fails (no compiler, an unsupported op), the
+        op falls back to the eager UNet with a warning instead of failing its rows."""
+        side = self.canvas_for(1, 1)[0]
+        blank = np.full((side, side, 3), 127, np.uint8)
+        dummy = Staged(blank, np.full((side, side), 255, np.uint8), 0, {"prompt": "", "negative": "", "canvas": [side, side]})
+        t0 = time.perf_counter()
+        try:
+            self.generate([dummy], steps=1)
+            log.info("op %s: compiled UNet warmed at batch %d, %dx%d in %.1f s", self.name, self.config.max_batch, side, side, time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - compile is an optimisation, never a failure
+            log.warning("op %s: torch.compile failed (%s: %s); running the eager UNet. Set compile: false to skip the attempt.", self.name, type(exc).__name__, exc)
+            uncompile(self.pipe)
+            self.compiled = False
+
+    # ------------------------------------------------------------------ phases
 
     def check_item(self, item: Item) -> None:
         product_core(item.mask, self.name)
-
-    def __call__(self, batch: Batch) -> Batch:
-        self.ensure_setup()
-        items = items_of(batch)
-        # 1. Map every row onto its working canvas (CPU; raises for a row that cannot run).
-        jobs = [self.prepare(i, item) for i, item in enumerate(items)]
-        # 2. Run rows with the same canvas together, at most max_batch per pipeline call
-        #    (one on the CPU: see the module docstring).
-        per_call = self.config.max_batch if self.runtime.on_gpu else 1
-        generated: dict[int, np.ndarray] = {}
-        by_canvas: dict[tuple[int, int], list[_Job]] = {}
-        for job in jobs:
-            by_canvas.setdefault(job.canvas, []).append(job)
-        for group in by_canvas.values():
-            for start in range(0, len(group), per_call):
-                chunk = group[start : start + per_call]
-                for job, out in zip(chunk, self.generate(chunk)):
-                    generated[job.row] = out
-        # 3. Back to each row's resolution, with the product's own pixels pasted back.
-        return batch_of([self.finish(item, generated[i], jobs[i]) for i, item in enumerate(items)], batch)
 
     def canvas_for(self, width: int, height: int) -> tuple[int, int]:
         """Working canvas with the row's aspect: long side `size`, both multiples of 64."""
@@ -178,45 +169,65 @@ class DiffusionOp(Op):
             return long_side, max(m, round(long_side * height / width / m) * m)
         return max(m, round(long_side * width / height / m) * m), long_side
 
-    def prompts(self, item: Item) -> tuple[str, str]:
-        return render(self.config.prompt, item.context), render(self.config.negative_prompt, item.context)
+    def prompts(self, item: Item) -> dict[str, str]:
+        return {"prompt": render(self.config.prompt, item.context), "negative": render(self.config.negative_prompt, item.context)}
 
-    def prepare(self, row: int, item: Item) -> _Job:
-        """Default (scene-like): the row's image and a repaint mask outside the product."""
+    def prepare(self, item: Item) -> Staged:
+        """Default (scene-like): the row's image and a repaint mask outside the product, on the
+        working canvas (CPU; raises for a row that cannot run)."""
         alpha = feather_alpha(product_core(item.mask, self.name), self.config.feather_px)
         h, w = item.image.shape[:2]
         cw, ch = self.canvas_for(w, h)
-        prompt, negative = self.prompts(item)
         image = _resized(item.image, cw, ch, cv2.INTER_AREA)
         repaint = _resized(repaint_mask(alpha), cw, ch, cv2.INTER_NEAREST)
-        return _Job(row, Image.fromarray(image), Image.fromarray(repaint), prompt, negative, item.seed, (cw, ch), alpha)
+        return Staged(image, repaint, item.seed, {**self.prompts(item), "canvas": [cw, ch]})
 
-    def generate(self, jobs: list[_Job]) -> list[np.ndarray]:
+    def run_model(self, staged: list[Staged]) -> list[np.ndarray]:
+        """Rows with the same canvas run together, at most max_batch per pipeline call (one on
+        the CPU: see the module docstring)."""
+        per_call = self.config.max_batch if self.runtime.on_gpu else 1
+        out: list[np.ndarray | None] = [None] * len(staged)
+        by_canvas: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(staged):
+            by_canvas.setdefault(tuple(s.meta["canvas"]), []).append(i)
+        for rows in by_canvas.values():
+            for start in range(0, len(rows), per_call):
+                chunk = rows[start : start + per_call]
+                for i, image in zip(chunk, self.generate([staged[i] for i in chunk])):
+                    out[i] = image
+        return out
+
+    def generate(self, staged: list[Staged], steps: int | None = None) -> list[np.ndarray]:
+        """One pipeline call. A compiled UNet always sees a full batch (the last one is padded
+        with copies of its last row, whose outputs are dropped), so it never recompiles."""
         import torch
 
-        c = self.config
+        c, n = self.config, len(staged)
+        if self.compiled and n < c.max_batch:
+            staged = staged + [staged[-1]] * (c.max_batch - n)
         kwargs: dict[str, Any] = {
-            "prompt": [j.prompt for j in jobs],
-            "negative_prompt": [j.negative for j in jobs],
-            "image": [j.image for j in jobs],
-            "num_inference_steps": c.steps,
+            "prompt": [s.meta["prompt"] for s in staged],
+            "negative_prompt": [s.meta["negative"] for s in staged],
+            "image": staged_tensor([s.image for s in staged], self.runtime),
+            "num_inference_steps": steps or c.steps,
             "guidance_scale": c.guidance,
-            "generator": generators([j.seed for j in jobs], self.runtime.device if self.runtime.on_gpu else "cpu"),
-            "output_type": "np",
+            "generator": generators([s.seed for s in staged], self.runtime.device if self.runtime.on_gpu else "cpu"),
+            "output_type": "pt",
         }
-        kwargs.update(self.pipeline_kwargs(jobs))
+        kwargs.update(self.pipeline_kwargs(staged))
         with self.lock, torch.inference_mode():
             images = self.pipe(**kwargs).images
-        return [np.clip(np.asarray(im) * 255.0 + 0.5, 0, 255).astype(np.uint8) for im in images]
+            return images_to_uint8(images[:n])
 
-    def pipeline_kwargs(self, jobs: list[_Job]) -> dict[str, Any]:
-        w, h = jobs[0].canvas
-        return {"mask_image": [j.mask for j in jobs], "height": h, "width": w, "strength": 1.0}
+    def pipeline_kwargs(self, staged: list[Staged]) -> dict[str, Any]:
+        w, h = staged[0].meta["canvas"]
+        return {"mask_image": staged_tensor([s.mask for s in staged], self.runtime), "height": h, "width": w, "strength": 1.0}
 
-    def finish(self, item: Item, generated: np.ndarray, job: _Job) -> Item:
+    def finish(self, item: Item, staged: Staged, output: np.ndarray) -> Item:
+        """Back to the row's resolution, with the product's own pixels pasted back (CPU)."""
         h, w = item.image.shape[:2]
-        full = _resized(generated, w, h, cv2.INTER_CUBIC if generated.shape[0] < h else cv2.INTER_AREA)
-        alpha = job.alpha if job.alpha is not None else feather_alpha(product_core(item.mask, self.name), self.config.feather_px)
+        full = _resized(output, w, h, cv2.INTER_CUBIC if output.shape[0] < h else cv2.INTER_AREA)
+        alpha = feather_alpha(product_core(item.mask, self.name), self.config.feather_px)
         return item.with_image(paste_product(full, item.image, alpha))
 
 
@@ -246,15 +257,13 @@ class Restyle(DiffusionOp):
     pipeline_kind = "img2img"
     unet_in_channels = (4,)
 
-    def prepare(self, row: int, item: Item) -> _Job:
+    def prepare(self, item: Item) -> Staged:
         product_core(item.mask, self.name)
         h, w = item.image.shape[:2]
         cw, ch = self.canvas_for(w, h)
-        prompt, negative = self.prompts(item)
-        image = _resized(item.image, cw, ch, cv2.INTER_AREA)
-        return _Job(row, Image.fromarray(image), None, prompt, negative, item.seed, (cw, ch))
+        return Staged(_resized(item.image, cw, ch, cv2.INTER_AREA), NO_MASK, item.seed, {**self.prompts(item), "canvas": [cw, ch]})
 
-    def pipeline_kwargs(self, jobs: list[_Job]) -> dict[str, Any]:
+    def pipeline_kwargs(self, staged: list[Staged]) -> dict[str, Any]:
         return {"strength": self.config.strength}
 
 
@@ -274,7 +283,7 @@ class InstructEdit(Restyle):
     pipeline_kind = "instruct"
     unet_in_channels = (8,)
 
-    def pipeline_kwargs(self, jobs: list[_Job]) -> dict[str, Any]:
+    def pipeline_kwargs(self, staged: list[Staged]) -> dict[str, Any]:
         return {"image_guidance_scale": self.config.image_guidance}
 
 
@@ -309,7 +318,7 @@ class Outpaint(DiffusionOp):
         dy = {"top": 0, "bottom": nh - h}.get(self.config.anchor, (nh - h) // 2)
         return nw, nh, dx, dy
 
-    def prepare(self, row: int, item: Item) -> _Job:
+    def prepare(self, item: Item) -> Staged:
         h, w = item.image.shape[:2]
         nw, nh, dx, dy = self.placement(w, h)
         # Edge-replicated border: a neutral start for the model where there are no pixels yet.
@@ -317,21 +326,17 @@ class Outpaint(DiffusionOp):
         repaint = np.full((nh, nw), 255, np.uint8)
         repaint[dy : dy + h, dx : dx + w] = 0
         cw, ch = self.canvas_for(nw, nh)
-        prompt, negative = self.prompts(item)
-        return _Job(
-            row,
-            Image.fromarray(cv2.resize(frame, (cw, ch), interpolation=cv2.INTER_AREA)),
-            Image.fromarray(cv2.resize(repaint, (cw, ch), interpolation=cv2.INTER_NEAREST)),
-            prompt,
-            negative,
+        return Staged(
+            cv2.resize(frame, (cw, ch), interpolation=cv2.INTER_AREA),
+            cv2.resize(repaint, (cw, ch), interpolation=cv2.INTER_NEAREST),
             item.seed,
-            (cw, ch),
+            {**self.prompts(item), "canvas": [cw, ch]},
         )
 
-    def finish(self, item: Item, generated: np.ndarray, job: _Job) -> Item:
+    def finish(self, item: Item, staged: Staged, output: np.ndarray) -> Item:
         h, w = item.image.shape[:2]
         nw, nh, dx, dy = self.placement(w, h)
-        out = _resized(generated, nw, nh, cv2.INTER_CUBIC).copy()
+        out = _resized(output, nw, nh, cv2.INTER_CUBIC).copy()
         out[dy : dy + h, dx : dx + w] = item.image
         mask = item.mask
         if has_mask(mask):
@@ -375,12 +380,12 @@ class SegmentVariants(Scene):
     def segment_ids(self) -> list[str]:
         return [s.id for s in self.config.segments]
 
-    def prompts(self, item: Item) -> tuple[str, str]:
+    def prompts(self, item: Item) -> dict[str, str]:
         segment = item.context.get("segment")
         by_id = {s.id: s.prompt for s in self.config.segments}
         if segment not in by_id:
             raise OpInputError(f"segment_variants: row has segment {segment!r}, not one of {sorted(by_id)}")
-        return render(by_id[segment], item.context), render(self.config.negative_prompt, item.context)
+        return {"prompt": render(by_id[segment], item.context), "negative": render(self.config.negative_prompt, item.context)}
 
 
 def _resized(image: np.ndarray, width: int, height: int, interpolation: int) -> np.ndarray:
@@ -424,7 +429,10 @@ def load_pipeline(model: LocalModel, kind: str, runtime: Runtime, *, compile_une
                 base.unet.to(memory_format=torch.channels_last)
                 base.vae.to(memory_format=torch.channels_last)
                 if compile_unet:
-                    base.unet = torch.compile(base.unet)
+                    # Static shapes (batches are padded to max_batch): never a dynamic-shape
+                    # graph, and a new canvas size is one more cached graph, not a rebuild.
+                    use_compile_cache()
+                    base.unet = torch.compile(base.unet, dynamic=False)
             _pipes[base_key] = base
             log.info("loaded %s (%s) on %s as %s", model.ref, type(base).__name__, runtime.device, runtime.dtype)
         key = base_key + (kind,)
@@ -441,6 +449,18 @@ def load_pipeline(model: LocalModel, kind: str, runtime: Runtime, *, compile_une
                 pipe.set_progress_bar_config(disable=True)
             _pipes[key] = pipe
         return pipe
+
+
+def uncompile(pipe) -> None:
+    """Put the eager UNet back into `pipe` and every cached pipeline sharing its compiled one."""
+    compiled = pipe.unet
+    eager = getattr(compiled, "_orig_mod", None)
+    if eager is None:
+        return
+    with _pipes_lock:
+        for p in [pipe, *_pipes.values()]:
+            if p.unet is compiled:
+                p.unet = eager
 
 
 def _load_adapters(pipe, model: LocalModel, adapters: tuple[tuple[LocalModel, float], ...]) -> None:

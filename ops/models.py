@@ -205,21 +205,47 @@ def builtin_path(ref: str) -> tuple[Path, str]:
     return path, spec.sha256
 
 
-_local_hashes: dict[tuple[str, int, int], str] = {}
+_local_hashes: dict[tuple, str] = {}
+
+DEFAULT_HASH_CACHE = "~/.cache/skustudio/hashes"
 
 
 def local_model(ref: str) -> LocalModel:
-    """A local reference as a LocalModel (hashed once per process per file state)."""
+    """A local reference as a LocalModel. Its content hash is computed once per file state
+    (every file's name, size and mtime) and kept in memory and in a node-local cache
+    (`$SKUSTUDIO_HASH_CACHE`), so neither a worker nor a nightly rerun reads gigabytes of
+    unchanged weights again just to name them."""
     if is_builtin(ref):
         path, sha = builtin_path(ref)
         return LocalModel(ref=ref, path=path, sha256=sha)
     describe_local(ref)
     path = Path(ref).expanduser().resolve()
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    state = (str(path), len(files), max((int(p.stat().st_mtime_ns) for p in files), default=0))
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name != STORE_MARKER)
+    listing = tuple((p.relative_to(path).as_posix() if p != path else "", (st := p.stat()).st_size, st.st_mtime_ns) for p in files)
+    state = (str(path), listing)
     if state not in _local_hashes:
-        _local_hashes[state] = content_sha256(path)
+        _local_hashes[state] = _cached_hash(path, listing)
     return LocalModel(ref=ref, path=path, sha256=_local_hashes[state])
+
+
+def _cached_hash(path: Path, listing: tuple) -> str:
+    cache = Path(os.environ.get("SKUSTUDIO_HASH_CACHE", DEFAULT_HASH_CACHE)).expanduser() / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    entry = [[name, size, mtime] for name, size, mtime in listing]
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("path") == str(path) and saved.get("files") == entry:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass  # no entry yet, or an unreadable one: hash
+    sha = content_sha256(path)
+    try:  # the cache is an optimisation: a read-only home must not fail the model
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": str(path), "files": entry, "sha256": sha}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return sha
 
 
 def offline_hub() -> None:

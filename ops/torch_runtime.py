@@ -80,3 +80,70 @@ def device_lock(key: object) -> threading.Lock:
     diffusers scheduler's per-call state) is used by one thread at a time."""
     with _locks_guard:
         return _locks.setdefault(key, threading.Lock())
+
+
+def staged_tensor(arrays: list[np.ndarray], runtime: Runtime):
+    """N HxWxC (or HxW) uint8 arrays of one size -> NxCxHxW float32 in [0, 1] on the runtime's
+    device. Stacked as uint8 on the CPU (a quarter of float32's bytes), copied through pinned
+    memory without blocking, converted on the device, channels_last like the models' weights.
+    Values and layout equal diffusers' own PIL preprocessing, so outputs are bit-identical."""
+    import torch
+
+    t = torch.from_numpy(np.stack(arrays))
+    if t.ndim == 3:
+        t = t.unsqueeze(-1)
+    if runtime.on_gpu:
+        t = t.pin_memory().to(runtime.device, non_blocking=True)
+    # A 256-entry table of numpy's x / 255 in float32 (torch divides by a scalar as a multiply
+    # by its reciprocal, an ulp off for some values), and NHWC memory seen as NCHW: the
+    # strides diffusers' numpy_to_pt gives, which the convolutions' arithmetic depends on.
+    return _unit_lut(t.device)[t.long()].permute(0, 3, 1, 2)
+
+
+_luts: dict[str, object] = {}
+
+
+def _unit_lut(device):
+    import torch
+
+    key = str(device)
+    if key not in _luts:
+        _luts[key] = torch.from_numpy(np.arange(256, dtype=np.float32) / np.float32(255.0)).to(device)
+    return _luts[key]
+
+
+def images_to_uint8(images) -> list[np.ndarray]:
+    """A pipeline's NxCxHxW output in [0, 1] (any dtype, any device) -> HxWxC uint8 arrays,
+    rounded as x*255+0.5 in float32 and converted on the device: one small copy back."""
+    import torch
+
+    out = (images.float() * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return list(out)
+
+
+DEFAULT_COMPILE_CACHE = "~/.cache/skustudio/compile"
+
+
+def use_compile_cache() -> str:
+    """Point Inductor (and Triton) at a node-local, persistent cache, so a compiled graph is
+    built once per node and later actors and nightly runs load it instead of recompiling.
+    `$SKUSTUDIO_COMPILE_CACHE` overrides the place (mount a node-local volume there on
+    clusters). Without it, TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR settings are kept."""
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("SKUSTUDIO_COMPILE_CACHE", DEFAULT_COMPILE_CACHE)).expanduser()
+    # torch writes its own default into TORCHINDUCTOR_CACHE_DIR the first time it looks, so
+    # an existing value is only kept when no SKUSTUDIO_COMPILE_CACHE was asked for.
+    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        if "SKUSTUDIO_COMPILE_CACHE" in os.environ or var not in os.environ:
+            os.environ[var] = str(root / sub)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    try:
+        import torch._inductor.config as inductor
+
+        inductor.fx_graph_cache = True
+    except Exception:  # noqa: BLE001 - an older torch without the knob: the env vars still apply
+        pass
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]

@@ -2,8 +2,11 @@
 
 CPU stages are plain callables (Ray runs them as tasks and fuses neighbours into one task);
 op groups that declare GPUs (or an explicit pool) get their own `ActorPoolStrategy` stage,
-built once per actor, so models load once per worker. Rows that have no work in a stage
-pass through it unchanged.
+built once per actor, so models load once per worker (when the actor starts, overlapping
+the CPU stages upstream). A phased op (ops/base.py `PhasedOp`: the diffusion ops) that opens
+or closes its pool group has its per-row CPU work, prepare and finish, in the CPU stages
+before and after the pool, so the pool's actor only feeds the model. Rows that have no work
+in a stage pass through it unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from cluster.resources import ResourcePlan
 from pipelines.manifest import read_manifest
 from pipelines.recipes import Recipe, Step
 from pipelines.scoring import ScoreModels, scorer_label
-from pipelines.stages import DecodeAndExpand, Fetch, Finish, ParseRows, RunContext, RunSteps, pool_group, step_label
+from pipelines.stages import DecodeAndExpand, Fetch, Finish, ParseRows, RunContext, RunSteps, pool_group, recipe_units, unit_label
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,8 @@ def stage_sequence(recipes: list[Recipe]) -> list[StagePlan]:
     seqs = []
     for r in recipes:
         labels: list[StagePlan] = []
-        for i in range(len(r.steps)):
-            label = step_label(r, i)
+        for i, phase in recipe_units(r):
+            label = unit_label(r, i, phase)
             if not labels or labels[-1].label != label:
                 labels.append(StagePlan(label, r, i))
         seqs.append(labels)

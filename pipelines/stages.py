@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from ops.base import NO_MASK, Batch, Item, OpInputError, batch_of, identity_affine
+from ops.base import NO_MASK, Batch, Item, OpInputError, Staged, batch_of, identity_affine
 from ops.compliance import Subject
 from ops.compliance import evaluate as evaluate_compliance
 from ops.codec import CONTENT_TYPES, DEFAULT_MAX_PIXELS, EXTENSIONS, decode_image, encode_image
@@ -161,6 +161,7 @@ def score_context(row: dict) -> dict:
 _TEXT_COLUMNS = frozenset({
     "sku", "source_uri", "title", "category", "attributes", "recipe", "segment", "source_sha256", "source_etag",
     "input_sha256", "state_key", "reuse", "notes", "models", "nodes", "source_phash", "model_scores", "op_scores", "op_seconds", "error", "stage", "error_type",
+    "staged_meta",
 })  # fmt: skip
 
 
@@ -302,9 +303,11 @@ class Fetch:
 WORK_KEYS = [
     "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "attempt", "segment", "seed", "source_sha256",
     "source_etag", "source_size", "input_sha256", "state_key", "reuse", "source_phash",
-    "source", "image", "mask", "affine", "overlay_mask", "next_step", "duration_s", "notes", "models", "nodes",
-    "model_scores", "op_scores", "op_seconds", "error", "stage", "error_type",
+    "source", "image", "mask", "affine", "overlay_mask", "next_step", "phase", "staged_image", "staged_mask", "staged_meta",
+    "duration_s", "notes", "models", "nodes", "model_scores", "op_scores", "op_seconds", "error", "stage", "error_type",
 ]  # fmt: skip
+# `phase` is where the row is inside a phased op's step (PREPARE, MODEL, FINISH; always 0 for
+# other steps) and `staged_*` carry its model input (then output) between those stages.
 # `models` is a JSON list of [reference, sha256] pairs, one per model-backed step the row
 # went through, `nodes` a JSON list of the Ray node ids that worked on the row (decode, each
 # pool stage, finish), and `reuse` the JSON list of prior rows (one per gate attempt) this row
@@ -335,6 +338,7 @@ class DecodeAndExpand:
             base.update(recipe="", variant=-1, attempt=1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", op_scores="{}", op_seconds="{}", state_key="", reuse="",
                         nodes=json.dumps([node_id()]), source_phash="")  # fmt: skip
             base.update(source=EMPTY_IMAGE, image=EMPTY_IMAGE, mask=NO_MASK, affine=identity_affine(), overlay_mask=NO_MASK)
+            base.update(phase=WHOLE, staged_image=EMPTY_IMAGE, staged_mask=NO_MASK, staged_meta="")
             if base["error"]:
                 out.append(base)
                 continue
@@ -399,6 +403,34 @@ def pool_group(recipe: Recipe, index: int) -> range:
     return range(a, b + 1)
 
 
+# A step's units of work. Most steps are one unit (WHOLE); a phased op on a pool is three:
+# PREPARE and FINISH run in the CPU stages around the pool when the step opens or closes its
+# pool group (inside a group of several GPU ops they stay on the actor with the row).
+WHOLE = PREPARE = 0
+MODEL, FINISH = 1, 2
+
+
+def step_phases(recipe: Recipe, index: int) -> tuple[int, ...]:
+    step = recipe.steps[index]
+    return (PREPARE, MODEL, FINISH) if step.op.phased and _on_pool(step) else (WHOLE,)
+
+
+def unit_label(recipe: Recipe, index: int, phase: int) -> str:
+    """Where one unit (step, phase) runs: 'cpu' or the step's pool label."""
+    label = step_label(recipe, index)
+    if len(step_phases(recipe, index)) == 1:
+        return label
+    group = pool_group(recipe, index)
+    if (phase == PREPARE and index == group.start) or (phase == FINISH and index == group.stop - 1):
+        return "cpu"
+    return label
+
+
+def recipe_units(recipe: Recipe) -> list[tuple[int, int]]:
+    """Every (step, phase) of a recipe, in the order a row goes through them."""
+    return [(i, ph) for i in range(len(recipe.steps)) for ph in step_phases(recipe, i)]
+
+
 def step_label(recipe: Recipe, index: int) -> str:
     """Where step `index` of a recipe runs: 'cpu' (fused tasks) or an actor pool named by the
     ops of its pool group and a hash of their configs (equal groups in two recipes share it)."""
@@ -423,39 +455,69 @@ class RunSteps:
         self.fingerprints = dict(ctx.recipe_fingerprints)
         self.store = ModelStore(ctx.model_cache, ctx.storage)
         # step_label hashes an op's config: compute it once here, not per row per pass.
-        self.runs_here = {name: [step_label(r, i) == label for i in range(len(r.steps))] for name, r in self.recipes.items()}
+        self.runs_here = {name: {u for u in recipe_units(r) if unit_label(r, *u) == label} for name, r in self.recipes.items()}
+        if label != "cpu":
+            self._set_up_pool_ops()
+
+    def _set_up_pool_ops(self) -> None:
+        """A pool's actor fetches and loads its models when it starts, not on its first batch,
+        so model loading (and a compiled model's warm-up) overlaps the CPU stages upstream.
+        A failure is not raised here: the batch that needs the op meets it again and fails
+        its rows with the error."""
+        for name, recipe in self.recipes.items():
+            for k in sorted({k for k, ph in self.runs_here[name] if ph in (WHOLE, MODEL)}):
+                try:
+                    ready_instance(self._instance_key(recipe, k), recipe.steps[k].op, self.store)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("pool %s: setting up op %s failed at actor start: %s", self.label, recipe.steps[k].op.name, exc)
+
+    def _instance_key(self, recipe: Recipe, k: int) -> str:
+        return f"{self.fingerprints.get(recipe.name, recipe.hash)}:{k}"
 
     def __call__(self, batch: Batch) -> Batch:
         _init_worker()
         rows = _rows(batch)
         worked: set[int] = set()
         while True:
-            # Group rows whose next step runs here by (recipe, step) and run each group.
-            groups: dict[tuple[str, int], list[int]] = {}
+            # Group rows whose next unit (step, phase) runs here and run each group.
+            groups: dict[tuple[str, int, int], list[int]] = {}
             for i, r in enumerate(rows):
                 if r["error"] or not r["recipe"]:
                     continue
-                here = self.runs_here[r["recipe"]]
-                k = int(r["next_step"])
-                if k < len(here) and here[k]:
-                    groups.setdefault((r["recipe"], k), []).append(i)
+                unit = (int(r["next_step"]), int(r["phase"]))
+                if unit in self.runs_here[r["recipe"]]:
+                    groups.setdefault((r["recipe"], *unit), []).append(i)
             if not groups:
                 break
-            for (name, k), idx in groups.items():
+            for (name, k, phase), idx in groups.items():
                 worked.update(idx)
-                self._run_step(self.recipes[name], k, [rows[i] for i in idx])
+                recipe, group = self.recipes[name], [rows[i] for i in idx]
+                if len(step_phases(recipe, k)) == 1:
+                    self._run_step(recipe, k, group)
+                elif phase == PREPARE:
+                    self._prepare(recipe.steps[k].op, group)
+                elif phase == MODEL:
+                    self._run_model(recipe, k, group)
+                else:
+                    self._finish(recipe.steps[k].op, group)
         for i in worked:
             _add_node(rows[i])
         return _columns(rows, WORK_KEYS)
 
-    def _run_step(self, recipe: Recipe, k: int, rows: list[dict]) -> None:
-        op = recipe.steps[k].op
-        stage = f"op:{op.name}"
+    def _ready_op(self, recipe: Recipe, k: int, rows: list[dict]):
+        """The worker's set-up copy of step k's op, or None with every row failed (a broken
+        model fails its rows, not the run)."""
         try:
-            op = ready_instance(f"{self.fingerprints.get(recipe.name, recipe.hash)}:{k}", op, self.store)
-        except Exception as exc:  # noqa: BLE001 - a broken model fails its rows, not the run
+            return ready_instance(self._instance_key(recipe, k), recipe.steps[k].op, self.store)
+        except Exception as exc:  # noqa: BLE001
             for r in rows:
-                _fail(r, stage, exc)
+                _fail(r, f"op:{recipe.steps[k].op.name}", exc)
+            return None
+
+    def _run_step(self, recipe: Recipe, k: int, rows: list[dict]) -> None:
+        stage = f"op:{recipe.steps[k].op.name}"
+        op = self._ready_op(recipe, k, rows)
+        if op is None:
             return
         # Cheap per-row checks first, so one bad row does not send its batch to the slow path.
         ok = []
@@ -468,10 +530,7 @@ class RunSteps:
         rows = ok
         if not rows:
             return
-        trail = [[ref, op.models[field].sha256] for field, ref in op.model_refs().items()]
-        if trail:
-            for r in rows:
-                r["models"] = json.dumps(json.loads(r["models"] or "[]") + trail)
+        self._add_models(op, rows)
         t0 = time.perf_counter()
         try:
             results = op(self._op_batch(rows))
@@ -485,6 +544,75 @@ class RunSteps:
                     self._take(r, op(self._op_batch([r])), 0, time.perf_counter() - t1, op.name)
                 except Exception as exc:  # noqa: BLE001
                     _fail(r, stage, exc)
+
+    @staticmethod
+    def _add_models(op, rows: list[dict]) -> None:
+        trail = [[ref, op.models[field].sha256] for field, ref in op.model_refs().items()]
+        if trail:
+            for r in rows:
+                r["models"] = json.dumps(json.loads(r["models"] or "[]") + trail)
+
+    # A phased op's three units. PREPARE and FINISH are CPU work on the op's config alone (no
+    # model is fetched or loaded for them); MODEL runs on the pool's actor and only moves the
+    # staged arrays through the model.
+
+    def _prepare(self, op, rows: list[dict]) -> None:
+        for r, item in zip(rows, self._op_batch_items(rows)):
+            t0 = time.perf_counter()
+            try:
+                staged = op.prepare(item)
+            except Exception as exc:  # noqa: BLE001
+                _fail(r, f"op:{op.name}", exc)
+                continue
+            r.update(staged_image=staged.image, staged_mask=staged.mask, staged_meta=json.dumps(staged.meta), phase=MODEL)
+            self._charge(r, f"{op.name}.prepare", time.perf_counter() - t0)
+
+    def _run_model(self, recipe: Recipe, k: int, rows: list[dict]) -> None:
+        stage = f"op:{recipe.steps[k].op.name}"
+        op = self._ready_op(recipe, k, rows)
+        if op is None:
+            return
+        self._add_models(op, rows)
+
+        def staged(r: dict) -> Staged:
+            return Staged(r["staged_image"], r["staged_mask"], int(r["seed"]), json.loads(r["staged_meta"]))
+
+        t0 = time.perf_counter()
+        try:
+            outputs = op.run_model([staged(r) for r in rows])
+            per_row = [(time.perf_counter() - t0) / len(rows)] * len(rows)
+        except Exception:  # noqa: BLE001 - isolate the failing row(s)
+            outputs, per_row = [], []
+            for r in rows:
+                t1 = time.perf_counter()
+                try:
+                    outputs.append(op.run_model([staged(r)])[0])
+                except Exception as exc:  # noqa: BLE001
+                    _fail(r, stage, exc)
+                    outputs.append(None)
+                per_row.append(time.perf_counter() - t1)
+        for r, out, sec in zip(rows, outputs, per_row):
+            if out is not None:
+                r.update(staged_image=out, staged_mask=NO_MASK, phase=FINISH)
+                self._charge(r, op.name, sec)
+
+    def _finish(self, op, rows: list[dict]) -> None:
+        for r, item in zip(rows, self._op_batch_items(rows)):
+            t0 = time.perf_counter()
+            try:
+                staged = Staged(EMPTY_IMAGE, NO_MASK, int(r["seed"]), json.loads(r["staged_meta"]))
+                done = op.finish(item, staged, r["staged_image"])
+                r.update(staged_image=EMPTY_IMAGE, staged_mask=NO_MASK, staged_meta="", phase=WHOLE)
+                self._take(r, batch_of([done], {"image": None}), 0, 0.0, op.name)
+            except Exception as exc:  # noqa: BLE001
+                _fail(r, f"op:{op.name}", exc)
+                continue
+            self._charge(r, f"{op.name}.finish", time.perf_counter() - t0)
+
+    @staticmethod
+    def _charge(row: dict, label: str, seconds: float) -> None:
+        row["duration_s"] = float(row["duration_s"]) + seconds
+        add_seconds(row, label, seconds)
 
     _CONTEXT = ("sku", "title", "category", "attributes", "segment")
 

@@ -10,6 +10,12 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# Node-local caches (model hashes, compiled graphs) go to a per-run folder, not the user's
+# home; set before Ray starts, so its workers inherit them.
+_CACHES = Path(os.environ.get("TMPDIR", "/tmp")) / f"skustudio-test-caches-{os.getpid()}"
+os.environ.setdefault("SKUSTUDIO_HASH_CACHE", str(_CACHES / "hashes"))
+os.environ.setdefault("SKUSTUDIO_COMPILE_CACHE", str(_CACHES / "compile"))
+
 
 def _free_port() -> int:
     with socket.socket() as s:
