@@ -47,6 +47,7 @@ class ResourcePlan:
         cpus_each = max(s.op.resources.cpus for s in steps)
         spec = next((s.spec.pool for s in steps if s.spec.pool is not None), None)
         sizes = [s.spec.batch_size for s in steps if s.spec.batch_size]
+        hints = [h for s in steps if (h := s.op.pool_batch_size())]
         lo, hi = (spec.min_size, spec.max_size) if spec else (1, 1)
         if gpus_each > 0:
             gpus = self.max_gpus if self.max_gpus is not None else self.cluster_gpus
@@ -73,7 +74,7 @@ class ResourcePlan:
             max_size=max(lo, hi),
             num_gpus=gpus_each,
             num_cpus=cpus_each,
-            batch_size=min(sizes) if sizes else self.gpu_batch_size,
+            batch_size=min(sizes) if sizes else min(hints) if hints else self.gpu_batch_size,
         )
 
     def fetch_memory_bytes(self, cluster: dict[str, float]) -> float | None:

@@ -202,6 +202,11 @@ class Op:
         self.models: dict[str, LocalModel] = {}
         self._ready = False
 
+    def pool_batch_size(self) -> int | None:
+        """Rows per batch this op wants on an actor pool when the recipe step sets no
+        `batch_size` (None: the run's GPU batch size)."""
+        return None
+
     def model_refs(self) -> dict[str, str]:
         """{config field: model reference} for the models this op loads."""
         refs = {f: getattr(self.config, f) for f in self.model_fields}

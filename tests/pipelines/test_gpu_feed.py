@@ -192,3 +192,20 @@ def test_model_hash_is_cached_by_file_state(tmp_path, monkeypatch):
     monkeypatch.setenv("SKUSTUDIO_HASH_CACHE", str(tmp_path / "hashes"))
     second = models.local_model(str(model)).sha256
     assert second != first and second == models.content_sha256(model)
+
+
+def test_diffusion_pool_batches_default_to_the_ops_batch(tmp_path, tiny_models):
+    """A compiled UNet pads each call to max_batch, so the pool's batches match it unless the
+    step sets its own batch_size."""
+    from cluster.resources import ResourcePlan
+    from pipelines.plan import pool_steps
+
+    plan = ResourcePlan(cluster_cpus=8, cluster_gpus=1, gpu_batch_size=4)
+    for batch_size, max_batch, expected in ((None, 12, 12), (6, 12, 6), (None, None, 16)):
+        step = {"op": "scene", "params": {"model": str(tiny_models["sd_inpaint"]), **({"max_batch": max_batch} if max_batch else {})}}
+        if batch_size:
+            step["batch_size"] = batch_size
+        p = tmp_path / f"r{batch_size}-{max_batch}.yaml"
+        p.write_text(json.dumps({"name": "r", "ops": [step]}))
+        pool = next(s for s in stage_sequence([load_recipe(str(p))]) if s.label != "cpu")
+        assert plan.pool_for(pool_steps(pool)).batch_size == expected
