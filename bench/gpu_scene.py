@@ -433,6 +433,8 @@ def ray_pipeline(products, tmp: Path, params: dict, batch: int, monitor: GpuMoni
     per_row = {k: round(float(np.mean([s.get(k, 0.0) for s in spent])), 4) for k in sorted({k for s in spent for k in s})}
     return {"images": len(files), "seconds": round(wall, 3), "end_to_end_images_per_s": round(len(files) / wall, 4),
             "first_image_s": round(files[0].stat().st_mtime - t0, 1), "images_per_s": round(steady, 4),
+            # the pool actors' start-up (model load, compile warm-up), charged to their first batches
+            "actor_setup_s": round(sum(s.get("scene.setup", 0.0) for s in spent), 1),
             "op_seconds_per_row": per_row, **monitor.summary()}  # fmt: skip
 
 if __name__ == "__main__":

@@ -456,6 +456,7 @@ class RunSteps:
         self.store = ModelStore(ctx.model_cache, ctx.storage)
         # step_label hashes an op's config: compute it once here, not per row per pass.
         self.runs_here = {name: {u for u in recipe_units(r) if unit_label(r, *u) == label} for name, r in self.recipes.items()}
+        self._setup_s: dict[str, float] = {}  # actor set-up seconds not yet charged to rows
         if label != "cpu":
             self._set_up_pool_ops()
 
@@ -463,13 +464,18 @@ class RunSteps:
         """A pool's actor fetches and loads its models when it starts, not on its first batch,
         so model loading (and a compiled model's warm-up) overlaps the CPU stages upstream.
         A failure is not raised here: the batch that needs the op meets it again and fails
-        its rows with the error."""
+        its rows with the error. The seconds it took are charged to the first batch's rows as
+        `<op>.setup` in their `op_seconds`, so a run's cost profile shows model loading and
+        compiling beside the per-row work."""
         for name, recipe in self.recipes.items():
             for k in sorted({k for k, ph in self.runs_here[name] if ph in (WHOLE, MODEL)}):
+                t0 = time.perf_counter()
                 try:
                     ready_instance(self._instance_key(recipe, k), recipe.steps[k].op, self.store)
                 except Exception as exc:  # noqa: BLE001
                     log.warning("pool %s: setting up op %s failed at actor start: %s", self.label, recipe.steps[k].op.name, exc)
+                    continue
+                self._setup_s[self._instance_key(recipe, k)] = time.perf_counter() - t0
 
     def _instance_key(self, recipe: Recipe, k: int) -> str:
         return f"{self.fingerprints.get(recipe.name, recipe.hash)}:{k}"
@@ -507,12 +513,18 @@ class RunSteps:
     def _ready_op(self, recipe: Recipe, k: int, rows: list[dict]):
         """The worker's set-up copy of step k's op, or None with every row failed (a broken
         model fails its rows, not the run)."""
+        key = self._instance_key(recipe, k)
         try:
-            return ready_instance(self._instance_key(recipe, k), recipe.steps[k].op, self.store)
+            op = ready_instance(key, recipe.steps[k].op, self.store)
         except Exception as exc:  # noqa: BLE001
             for r in rows:
                 _fail(r, f"op:{recipe.steps[k].op.name}", exc)
             return None
+        setup = self._setup_s.pop(key, None)
+        if setup is not None:  # this actor's start-up, shared by the first batch it serves
+            for r in rows:
+                add_seconds(r, f"{op.name}.setup", setup / len(rows))
+        return op
 
     def _run_step(self, recipe: Recipe, k: int, rows: list[dict]) -> None:
         stage = f"op:{recipe.steps[k].op.name}"

@@ -87,13 +87,15 @@ def test_phased_op_leaves_cpu_work_to_cpu_stages_and_matches_the_op(tmp_path, ti
     assert all(r["image"].shape == products[int(r["sku"].split("-")[1])].photo.shape for r in done_on_pool)
     assert all(max(r["staged_image"].shape[:2]) == 64 for r in done_on_pool)
     spent = [json.loads(r["op_seconds"]) for r in done_on_pool]
-    assert all(set(s) == {"scene.prepare", "scene"} for s in spent)
+    # The actor's start-up (model load) is charged once, across the first batch it serves.
+    assert all(set(s) == {"scene.prepare", "scene", "scene.setup"} for s in spent)
+    assert pool._setup_s == {}
 
     # 4. The CPU stage after the pool pastes back at full resolution.
     finished = _rows(cpu(_columns(ran, WORK_KEYS)))
     done = {r["sku"]: r for r in finished if r["error"] is None}
     assert len(done) == 4 and all(int(r["next_step"]) == 1 and int(r["phase"]) == WHOLE and r["staged_image"].size == 0 for r in done.values())
-    assert all(set(json.loads(r["op_seconds"])) == {"scene.prepare", "scene", "scene.finish"} for r in done.values())
+    assert all(set(json.loads(r["op_seconds"])) == {"scene.prepare", "scene", "scene.setup", "scene.finish"} for r in done.values())
     assert all(json.loads(r["models"])[0][0] == str(tiny_models["sd_inpaint"]) for r in done.values())
 
     # 5. Same pixels as the op called directly, all phases in one call.
