@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ops.base import NO_MASK, Item, batch_of, identity_affine
 from ops.composite import feather_alpha, product_core
-from ops.base import NO_MASK, Item, Staged, batch_of, identity_affine
 from ops.registry import op_class
 from pipelines.plan import stage_sequence
 from pipelines.recipes import load_recipe
