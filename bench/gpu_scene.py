@@ -155,7 +155,7 @@ def timed(fn, n_images: int, monitor: GpuMonitor) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=48, help="images per timed path (a multiple of every swept batch)")
-    ap.add_argument("--sweep", type=int, nargs="+", default=[4, 8, 16, 32], help="batch sizes for the eager sweep")
+    ap.add_argument("--sweep", type=int, nargs="*", default=[4, 8, 16, 32], help="batch sizes for the eager sweep (none: give --batch)")
     ap.add_argument("--batch", type=int, default=None, help="skip choosing: run the later paths at this batch")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=512)
@@ -165,6 +165,10 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-on-cpu", action="store_true", help="exercise the compiled plain loop on a CPU machine (checks the script)")
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--skip-default", action="store_true", help="skip the (slow) default fp16 batch-1 loop")
+    ap.add_argument("--cpu-load", type=int, default=0, help="also time the compiled op while N processes keep CPUs busy")
+    ap.add_argument("--profile", action="store_true", help="profile one batch of the compiled plain loop and of the op (GPU busy share, syncs)")
+    ap.add_argument("--pipeline-concurrency", type=int, nargs="+", default=[1], help="pipeline runs, one per batches-in-flight per actor")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -281,7 +285,8 @@ def main() -> None:
         del p
         torch.cuda.empty_cache() if cuda else None
 
-    section("default_loop", default)
+    if not args.skip_default:
+        section("default_loop", default)
 
     # 3. Batch sweep of the plain eager loop (bf16, channels_last, batches of B).
     sweep: dict[int, dict] = {}
@@ -297,13 +302,13 @@ def main() -> None:
     section("sweep", run_sweep)
     # The smallest batch within 3% of the fastest: bigger ones only add memory and padding.
     top = max((r["images_per_s"] for r in sweep.values()), default=0)
-    best = args.batch or min((B for B, r in sweep.items() if r["images_per_s"] >= 0.97 * top), default=args.sweep[0])
+    best = args.batch or min((B for B, r in sweep.items() if r["images_per_s"] >= 0.97 * top), default=(args.sweep or [8])[0])
     results["batch"] = best
     print(f"batch for the later paths: {best}", flush=True)
 
     # 4. Compiled plain loop; the op compiled (its CUDA default) and eager; timed alternately.
     params = {"model": str(model_dir), "size": size, "steps": steps, "max_batch": best, "prompt": PROMPT}
-    paths: dict = {"plain_loop": lambda: loop(pipe, best, n)}
+    paths: dict = {"plain_loop": lambda k=n: loop(pipe, best, k)}
     compiled_pipe = None
 
     def compile_plain():
@@ -317,7 +322,7 @@ def main() -> None:
         results["compile_s_plain"] = round(time.perf_counter() - t0, 1)
         results["compile_cache"] = cache
         print(f"plain loop: compile + first batch {results['compile_s_plain']} s (cache {cache})", flush=True)
-        paths["plain_loop_compiled"] = lambda: loop(compiled_pipe, best, n)
+        paths["plain_loop_compiled"] = lambda k=n: loop(compiled_pipe, best, k)
 
     def op_run(op, k):
         for s in range(0, k, best):
@@ -334,7 +339,7 @@ def main() -> None:
         results[f"{key}_ready_s"] = round(ready, 1)
         results[f"{key}_first_batch_s"] = round(time.perf_counter() - t0, 1)
         print(f"{key}: ready in {ready:.1f} s, first batch done at {results[f'{key}_first_batch_s']} s", flush=True)
-        paths[key] = lambda: op_run(op, n)
+        paths[key] = lambda k=n: op_run(op, k)
 
     if (cuda or args.compile_on_cpu) and not args.no_compile:
         section("compile_plain", compile_plain)
@@ -352,6 +357,28 @@ def main() -> None:
             print(f"{key}:", results[key], flush=True)
 
     section("alternate", alternate)
+
+    # 4b. Is the op sensitive to busy CPUs (as in a pipeline, where CPU stages share the node)?
+    def loaded():
+        key = "skustudio_op" if "skustudio_op" in paths else "skustudio_op_eager"
+        with cpu_load(args.cpu_load):
+            results[f"{key}_cpu_loaded"] = with_mfu(timed(paths[key], n, monitor))
+        results[f"{key}_cpu_loaded"]["busy_processes"] = args.cpu_load
+        print(f"{key} with {args.cpu_load} busy CPU processes:", results[f"{key}_cpu_loaded"], flush=True)
+
+    if args.cpu_load:
+        section("cpu_loaded", loaded)
+
+    # 4c. Where a batch's wall time goes: GPU kernels against host-side work and syncs.
+    def profile():
+        results["profile"] = {}
+        for key in ("plain_loop_compiled", "skustudio_op", "plain_loop", "skustudio_op_eager"):
+            if key in paths:
+                results["profile"][key] = profile_batch(lambda: paths[key](best))
+                print(f"profile {key}:", json.dumps(results["profile"][key]), flush=True)
+
+    if args.profile:
+        section("profile", profile)
     del pipe, compiled_pipe
     paths.clear()
     from ops import diffusion
@@ -362,17 +389,21 @@ def main() -> None:
     # 5. The whole skustudio pipeline on local Ray: decode, the scene step's CPU prepare, the
     #    model on a GPU actor pool, paste-back and finish on CPU workers, encode, write.
     if not args.skip_ray:
-        def pipeline():
-            results["skustudio_pipeline"] = with_mfu(ray_pipeline(products[: args.pipeline_images], tmp, params, best, monitor))
-            print("skustudio pipeline (Ray Data):", results["skustudio_pipeline"], flush=True)
+        def pipeline(concurrency):
+            key = "skustudio_pipeline" if concurrency == 1 else f"skustudio_pipeline_c{concurrency}"
+            results[key] = with_mfu(ray_pipeline(products[: args.pipeline_images], tmp, params, best, monitor, concurrency=concurrency))
+            print(f"skustudio pipeline (Ray Data, {concurrency} batch(es) in flight per actor):", results[key], flush=True)
 
-        section("skustudio_pipeline", pipeline)
+        for c in args.pipeline_concurrency:
+            section(f"skustudio_pipeline_c{c}", lambda c=c: pipeline(c))
 
     # 6. Ratios: against the plain loop with the same settings (compiled paths against the
     #    compiled plain loop), and against the plain eager loop.
     eager = results.get("plain_loop", {}).get("images_per_s")
-    same = {"skustudio_op": "plain_loop_compiled", "skustudio_pipeline": "plain_loop_compiled" if cuda and not args.no_compile else "plain_loop",
-            "skustudio_op_eager": "plain_loop", "plain_loop_compiled": "plain_loop", "default_loop": "plain_loop"}  # fmt: skip
+    compiled_ref = "plain_loop_compiled" if cuda and not args.no_compile else "plain_loop"
+    same = {"skustudio_op": "plain_loop_compiled", "skustudio_op_cpu_loaded": "plain_loop_compiled", "skustudio_op_eager": "plain_loop",
+            "skustudio_op_eager_cpu_loaded": "plain_loop", "plain_loop_compiled": "plain_loop", "default_loop": "plain_loop",
+            **{k: compiled_ref for k in results if k.startswith("skustudio_pipeline")}}  # fmt: skip
     for key, ref in same.items():
         r, base = results.get(key), results.get(ref, {}).get("images_per_s")
         if r and base:
@@ -382,7 +413,8 @@ def main() -> None:
         if r and results.get("default_loop"):
             r["x_default_loop"] = round(r["images_per_s"] / results["default_loop"]["images_per_s"], 3)
     print("\nimages/s, x same-settings plain loop, x plain eager loop, MFU (UNet), GPU util:")
-    for key in ("default_loop", "plain_loop", "plain_loop_compiled", "skustudio_op_eager", "skustudio_op", "skustudio_pipeline"):
+    for key in ("default_loop", "plain_loop", "plain_loop_compiled", "skustudio_op_eager", "skustudio_op", "skustudio_op_cpu_loaded",
+                *sorted(k for k in results if k.startswith("skustudio_pipeline"))):  # fmt: skip
         if key in results:
             r = results[key]
             print(f"  {key:22s} {r['images_per_s']:8.3f}  x{r.get('x_plain_loop', 1):.3f}  x{r.get('x_plain_eager_loop', 1):.3f}  "
@@ -390,7 +422,65 @@ def main() -> None:
     save()
 
 
-def ray_pipeline(products, tmp: Path, params: dict, batch: int, monitor: GpuMonitor) -> dict:
+@contextlib.contextmanager
+def cpu_load(processes: int):
+    """N processes spinning on numpy work for the duration of the block (ended by pid)."""
+    import subprocess
+
+    spin = "import numpy as np\nwhile True: np.sort(np.random.rand(1 << 20))"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(processes)]
+    time.sleep(1.0)
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def profile_batch(fn) -> dict:
+    """One call under torch.profiler: wall time, GPU kernel time (its share of the wall is the
+    GPU's busy share), the host-side syncs, and the host ops that took the most time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    fn()  # warm
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+
+    def dev_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    sync_names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense", "cudaMemcpy")
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "wall_ms": round(wall * 1e3, 1),
+        "gpu_kernel_ms": round(sum(dev_us(e) for e in events) / 1e3, 1),
+        "gpu_busy": round(sum(dev_us(e) for e in events) / 1e6 / wall, 3),
+        "syncs": {e.key: {"count": e.count, "cpu_ms": round(e.self_cpu_time_total / 1e3, 1)} for e in events if e.key.startswith(sync_names)},
+        "top_host_ops": [[e.key, e.count, round(e.self_cpu_time_total / 1e3, 1)] for e in top],
+    }
+
+
+def actor_inits(since: float) -> list[tuple[float, float]]:
+    """(start, duration) in epoch seconds of the GPU pool actors' constructors (model load and
+    compile warm-up) that began after `since`, from Ray's task timeline."""
+    import ray
+
+    out = []
+    for e in ray.timeline():
+        if e.get("name") == "__init__" and "RunSteps" in str(e.get("cat", "")) and e.get("ts", 0) / 1e6 >= since:
+            out.append((e["ts"] / 1e6, e.get("dur", 0) / 1e6))
+    return sorted(out)
+
+
+def ray_pipeline(products, tmp: Path, params: dict, batch: int, monitor: GpuMonitor, concurrency: int = 1) -> dict:
     import pyarrow.parquet as pq
     import torch
     from PIL import Image
@@ -413,29 +503,46 @@ def ray_pipeline(products, tmp: Path, params: dict, batch: int, monitor: GpuMoni
             Image.fromarray(np.dstack([photo, mask])).save(p)  # cut-outs: the mask rides in alpha
             fh.write(json.dumps({"sku": f"SKU-{i:04d}", "image_uri": str(p), "title": title}) + "\n")
     recipe = tmp / "scene.yaml"
-    recipe.write_text(json.dumps({"name": "scene", "output": {"format": "JPEG", "quality": 90}, "ops": [{"op": "scene", "params": {k: v for k, v in params.items() if k != "compile"}, "batch_size": batch}]}))
+    step = {"op": "scene", "params": {k: v for k, v in params.items() if k != "compile"}, "batch_size": batch,
+            "pool": {"min_size": 1, "max_size": 1, "concurrency": concurrency}}  # fmt: skip
+    recipe.write_text(json.dumps({"name": "scene", "output": {"format": "JPEG", "quality": 90}, "ops": [step]}))
+    run_id = f"bench-c{concurrency}"
     cfg = RunConfig(
-        manifest=str(cat / "manifest.jsonl"), recipes=(str(recipe),), output=str(tmp / "out"), run_id="bench",
+        manifest=str(cat / "manifest.jsonl"), recipes=(str(recipe),), output=str(tmp / f"out-{run_id}"), run_id=run_id,
         num_gpus=1, gpu_batch_size=batch, model_cache=str(tmp / "cache"),
     )  # fmt: skip
     with monitor.watch():
         t0 = time.time()
         summary = run_catalog(cfg)
         wall = time.time() - t0
-    files = sorted((tmp / "out" / "bench" / "images").rglob("*.jpg"), key=lambda p: p.stat().st_mtime)
+    files = sorted((tmp / f"out-{run_id}" / run_id / "images").rglob("*.jpg"), key=lambda p: p.stat().st_mtime)
     if summary.errors or len(files) != len(products):
         raise SystemExit(f"pipeline run had {summary.errors} errors and {len(files)} images for {len(products)} inputs")
     # Steady state: images finished after the first batch, over the time since it finished.
     t_first, t_last = files[batch - 1].stat().st_mtime, files[-1].stat().st_mtime
     steady = (len(files) - batch) / max(1e-6, t_last - t_first)
     # Where the time goes per row: the scene step's CPU phases beside its model phase.
-    spent = [dict(r) for r in pq.read_table(tmp / "out" / "bench" / "variants", columns=["op_seconds"])["op_seconds"].to_pylist()]
+    spent = [dict(r) for r in pq.read_table(tmp / f"out-{run_id}" / run_id / "variants", columns=["op_seconds"])["op_seconds"].to_pylist()]
     per_row = {k: round(float(np.mean([s.get(k, 0.0) for s in spent])), 4) for k in sorted({k for s in spent for k in s})}
+    # The actor's model time per row, its first batch (the one charged with its start-up)
+    # apart from the rest, so a slow first call does not hide in the mean.
+    first = [s["scene"] for s in spent if s.get("scene.setup")]
+    rest = [s["scene"] for s in spent if "scene" in s and not s.get("scene.setup")]
+    inits = actor_inits(t0)
+    t_actor = inits[0][0] if inits else None
     return {"images": len(files), "seconds": round(wall, 3), "end_to_end_images_per_s": round(len(files) / wall, 4),
             "first_image_s": round(files[0].stat().st_mtime - t0, 1), "images_per_s": round(steady, 4),
             # the pool actors' start-up (model load, compile warm-up), charged to their first batches
             "actor_setup_s": round(sum(s.get("scene.setup", 0.0) for s in spent), 1),
-            "op_seconds_per_row": per_row, **monitor.summary()}  # fmt: skip
+            "op_seconds_per_row": per_row, "concurrency": concurrency,
+            "model_s_per_row_first_batch": round(float(np.mean(first)), 4) if first else None,
+            "model_s_per_row_later_batches": round(float(np.mean(rest)), 4) if rest else None,
+            # From the pool actor's start (its constructor loads and warms the model) to the
+            # first image written, and how long the constructor itself took.
+            "actor_start_s": round(t_actor - t0, 1) if t_actor else None,
+            "actor_init_s": round(inits[0][1], 1) if inits else None,
+            "first_image_after_actor_start_s": round(files[0].stat().st_mtime - t_actor, 1) if t_actor else None,
+            **monitor.summary()}  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -17,9 +17,8 @@ class PoolPlan:
     num_gpus: float
     num_cpus: float
     batch_size: int
-    # Batches run at once per actor (ops serialise their model calls, so >1 is safe). 1 by
-    # default: on an H100, 2 overlapped CPU prep with GPU work but the GIL contention slowed
-    # the GPU thread's kernel launches, 0.65x instead of 0.93x the plain loop (docs/benchmarks.md).
+    # Batches run at once per actor (ops serialise their model calls, so >1 is safe); the
+    # recipe's `pool: {concurrency}`, 1 by default (docs/benchmarks.md has the measurements).
     concurrency: int = 1
 
 
@@ -75,6 +74,7 @@ class ResourcePlan:
             num_gpus=gpus_each,
             num_cpus=cpus_each,
             batch_size=min(sizes) if sizes else min(hints) if hints else self.gpu_batch_size,
+            concurrency=spec.concurrency if spec else 1,
         )
 
     def fetch_memory_bytes(self, cluster: dict[str, float]) -> float | None:

@@ -34,7 +34,7 @@ from ops.geometry import parse_aspect, translate_step
 from ops.models import LORA_WEIGHTS, LocalModel, ModelError, ModelInfo, offline_hub
 from ops.prompts import check_template, render
 from ops.registry import register
-from ops.torch_runtime import Device, Precision, Runtime, device_lock, generators, images_to_uint8, pick_runtime, staged_tensor, use_compile_cache
+from ops.torch_runtime import Device, Precision, Runtime, HostCopy, device_lock, generators, pick_runtime, staged_tensor, use_compile_cache
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,10 @@ class DiffusionOp(PhasedOp):
         }
         kwargs.update(self.pipeline_kwargs(staged))
         with self.lock, torch.inference_mode():
-            images = self.pipe(**kwargs).images
-            return images_to_uint8(images[:n])
+            copy = HostCopy(self.pipe(**kwargs).images[:n])
+        # Outside the lock: in a pool actor running two batches, the other one queues its
+        # kernels while this one waits for its copy back (docs/benchmarks.md).
+        return copy.wait()
 
     def pipeline_kwargs(self, staged: list[Staged]) -> dict[str, Any]:
         w, h = staged[0].meta["canvas"]

@@ -115,10 +115,32 @@ def _unit_lut(device):
 def images_to_uint8(images) -> list[np.ndarray]:
     """A pipeline's NxCxHxW output in [0, 1] (any dtype, any device) -> HxWxC uint8 arrays,
     rounded as x*255+0.5 in float32 and converted on the device: one small copy back."""
-    import torch
+    return HostCopy(images).wait()
 
-    out = (images.float() * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return list(out)
+
+class HostCopy:
+    """`images_to_uint8`, started now and waited for later. On CUDA the conversion and the
+    copy into pinned memory are queued behind the model's kernels and an event marks their
+    end, so the caller can release the model's lock first: another thread's batch then
+    queues its kernels while this one waits for its own copy (not for the whole stream)."""
+
+    def __init__(self, images):
+        import torch
+
+        out = (images.float() * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        self.event = None
+        if out.is_cuda:
+            self.host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=True)
+            self.host.copy_(out, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = out.contiguous()
+
+    def wait(self) -> list[np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return list(self.host.numpy())
 
 
 DEFAULT_COMPILE_CACHE = "~/.cache/skustudio/compile"

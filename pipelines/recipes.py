@@ -62,6 +62,9 @@ class PoolSpec(_Strict):
 
     min_size: int = Field(1, ge=1)
     max_size: int = Field(1, ge=1)
+    # Batches in flight per actor. With 2, the next batch's transfer and Ray's (de)serialising
+    # overlap the current batch on the GPU (the model call itself is serialised per model).
+    concurrency: int = Field(1, ge=1, le=4)
 
 
 class StepSpec(_Strict):

@@ -211,3 +211,23 @@ def test_diffusion_pool_batches_default_to_the_ops_batch(tmp_path, tiny_models):
         p.write_text(json.dumps({"name": "r", "ops": [step]}))
         pool = next(s for s in stage_sequence([load_recipe(str(p))]) if s.label != "cpu")
         assert plan.pool_for(pool_steps(pool)).batch_size == expected
+
+
+def test_pool_concurrency_comes_from_the_recipe(tmp_path, tiny_models):
+    """`pool: {concurrency: 2}` keeps two batches in flight per actor; without it, one."""
+    from cluster.resources import ResourcePlan
+    from pipelines.plan import pool_steps
+
+    plan = ResourcePlan(cluster_cpus=8, cluster_gpus=1)
+    for pool_spec, expected in ((None, 1), ({"min_size": 1, "max_size": 1, "concurrency": 2}, 2)):
+        step = {"op": "scene", "params": {"model": str(tiny_models["sd_inpaint"])}, **({"pool": pool_spec} if pool_spec else {})}
+        p = tmp_path / f"c{expected}.yaml"
+        p.write_text(json.dumps({"name": "r", "ops": [step]}))
+        pool = next(s for s in stage_sequence([load_recipe(str(p))]) if s.label != "cpu")
+        assert plan.pool_for(pool_steps(pool)).concurrency == expected
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"name": "r", "ops": [{"op": "scene", "params": {"model": str(tiny_models["sd_inpaint"])}, "pool": {"concurrency": 0}}]}))
+    import pytest
+
+    with pytest.raises(Exception, match="concurrency"):
+        load_recipe(str(bad))
