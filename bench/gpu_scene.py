@@ -452,9 +452,15 @@ def profile_batch(fn) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+    from torch.autograd import DeviceType
+
     events = prof.key_averages()
 
     def dev_us(e):
+        # Kernels only: a host op that launched a kernel also carries its device time, and
+        # summing both would count every kernel twice.
+        if e.device_type != DeviceType.CUDA:
+            return 0
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
 
     sync_names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense", "cudaMemcpy")
