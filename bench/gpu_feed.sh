@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU-feed numbers (docs/benchmarks.md) in one run: plain loops eager and compiled, the
-# op compiled and eager (also with busy CPUs), a profiled batch of each, and the Ray pipeline
-# with one and with two batches in flight per actor (actor start -> first image from Ray's
-# timeline). About 9 minutes on an H200. Writes JSON and logs to ${OUT:-bench/results}.
+# op compiled and eager, and the Ray pipeline twice (the first actor fills the node's compile
+# cache, the second starts warm; actor start -> first image from Ray's timeline). About 9
+# minutes on an H200: give it a whole call. Writes JSON and logs to ${OUT:-bench/results}.
+# Diagnostics to add to SCENE_ARGS: --profile (one profiled batch per path), --cpu-load 8,
+# --pipeline-concurrency 1 2 (two batches in flight per actor).
 #
 #   OUT=/tmp/gpu bash bench/gpu_feed.sh
 #   SCENE_ARGS="--images 48 --sweep 4 8 16 32 --skip-ray" bash bench/gpu_feed.sh   # the batch sweep
@@ -13,9 +15,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # A node-local compile cache, empty at the start: the first compile is cold. NB: on CUDA a
 # graph compiled in a plain process was not found by a Ray worker (different cache key;
-# bench/compile_cache.py), so the pipeline's actor compiles once more.
+# bench/compile_cache.py), so the first pipeline's actor compiles once more; the second
+# pipeline run (`skustudio_pipeline_again`) is the warm-node start.
 export SKUSTUDIO_COMPILE_CACHE=${SKUSTUDIO_COMPILE_CACHE:-/tmp/skustudio-compile}
-SCENE_ARGS=${SCENE_ARGS:---images 64 --sweep --batch 16 --skip-default --cpu-load 8 --profile --pipeline-images 160 --pipeline-concurrency 1 2}
+SCENE_ARGS=${SCENE_ARGS:---images 64 --sweep --batch 16 --skip-default --pipeline-images 160 --pipeline-concurrency 1 1}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, diffusers, ray, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 # shellcheck disable=SC2086
