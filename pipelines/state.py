@@ -125,30 +125,48 @@ def journal_rows(run_prefix: str, attempt: int, storage: StorageConfig):
     files = sorted(journal_attempts(run_prefix, storage).get(attempt, []))
     if not files:
         return ray.data.from_arrow(OUTPUT_SCHEMA.empty_table())
-    fs, _ = arrow_filesystem(files[0], storage)
-    return ray.data.read_parquet([arrow_filesystem(u, storage)[1] for u in files], filesystem=fs, schema=OUTPUT_SCHEMA)
+    # Plain tasks read the files, not read_parquet: its footer-reader actors are spread over
+    # every node, GPU nodes the autoscaler is about to remove included, and a read then fails
+    # with its actor (seen in tests/cluster/test_autoscaling.py under load).
+    sources = ray.data.from_items([{"uri": u} for u in files], override_num_blocks=min(len(files), 64))
+    return sources.map_batches(_read_journal, fn_kwargs={"storage": storage}, batch_format="pyarrow", batch_size=JOURNAL_FILES_PER_READ)
+
+
+JOURNAL_FILES_PER_READ = 16  # journal files hold one Finish batch each: a few to a few hundred rows
+
+
+def _read_journal(batch: pa.Table, storage: StorageConfig) -> pa.Table:
+    from pipelines.schema import OUTPUT_SCHEMA
+
+    return _read_conformed(batch["uri"].to_pylist(), storage, OUTPUT_SCHEMA)
 
 
 def _read_variants(uris: list[str], storage: StorageConfig) -> pa.Table:
     """Variant rows from Parquet files, conformed to today's schema (columns an older
     run lacks become nulls, so its rows simply never match)."""
+    return _read_conformed(uris, storage, VARIANT_SCHEMA, kind="variant")
+
+
+def _read_conformed(uris: list[str], storage: StorageConfig, schema: pa.Schema, kind: str | None = None) -> pa.Table:
+    """Rows of Parquet files (of one filesystem) cast to `schema`; columns a file lacks
+    become nulls. With `kind`, only rows of that kind (files without the column: all)."""
     if not uris:
-        return VARIANT_SCHEMA.empty_table()
+        return schema.empty_table()
     fs, _ = arrow_filesystem(uris[0], storage)
     paths = [arrow_filesystem(u, storage)[1] for u in uris]
     try:
         table = pads.dataset(paths, filesystem=fs, format="parquet").to_table()
     except (OSError, pa.ArrowInvalid) as exc:
         raise StorageError(f"cannot read earlier results under {uris[0].rsplit('/', 2)[0]}: {exc}") from None
-    if "kind" in table.column_names:
-        table = table.filter(pc.equal(table["kind"], "variant"))
+    if kind and "kind" in table.column_names:
+        table = table.filter(pc.equal(table["kind"], kind))
     cols = []
-    for field in VARIANT_SCHEMA:
+    for field in schema:
         if field.name in table.column_names:
             cols.append(table[field.name].cast(field.type))
         else:
             cols.append(pa.nulls(len(table), field.type))
-    return pa.Table.from_arrays(cols, schema=VARIANT_SCHEMA)
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int, full: bool) -> PriorState:
