@@ -34,7 +34,7 @@ from ops.geometry import parse_aspect, translate_step
 from ops.models import LORA_WEIGHTS, LocalModel, ModelError, ModelInfo, offline_hub
 from ops.prompts import check_template, render
 from ops.registry import register
-from ops.torch_runtime import Device, Precision, Runtime, HostCopy, device_lock, generators, pick_runtime, staged_tensor, use_compile_cache
+from ops.torch_runtime import Device, HostCopy, Precision, Runtime, device_lock, generators, pick_runtime, staged_tensor, use_compile_cache
 
 log = logging.getLogger(__name__)
 

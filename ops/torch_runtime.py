@@ -112,17 +112,13 @@ def _unit_lut(device):
     return _luts[key]
 
 
-def images_to_uint8(images) -> list[np.ndarray]:
-    """A pipeline's NxCxHxW output in [0, 1] (any dtype, any device) -> HxWxC uint8 arrays,
-    rounded as x*255+0.5 in float32 and converted on the device: one small copy back."""
-    return HostCopy(images).wait()
-
-
 class HostCopy:
-    """`images_to_uint8`, started now and waited for later. On CUDA the conversion and the
-    copy into pinned memory are queued behind the model's kernels and an event marks their
-    end, so the caller can release the model's lock first: another thread's batch then
-    queues its kernels while this one waits for its own copy (not for the whole stream)."""
+    """A pipeline's NxCxHxW output in [0, 1] (any dtype, any device) -> HxWxC uint8 arrays,
+    rounded as x*255+0.5 in float32 on the device; started now, waited for with `wait()`.
+    On CUDA the conversion and the copy into pinned memory are queued behind the model's
+    kernels and an event marks their end, so the caller can release the model's lock first:
+    another thread's batch then queues its kernels while this one waits for its own copy
+    (not for the whole stream)."""
 
     def __init__(self, images):
         import torch
