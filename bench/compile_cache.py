@@ -20,7 +20,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def probe(model: str, batch: int, size: int = 512) -> dict:
-    import numpy as np
     import torch
     from torch._dynamo.utils import counters
 
@@ -49,7 +48,6 @@ def probe(model: str, batch: int, size: int = 512) -> dict:
     out["after_calls"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "aot_autograd")}
     out["cache_env"] = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "SKUSTUDIO_COMPILE_CACHE")}
     out["threads_after"] = torch.get_num_threads()
-    del np
     return out
 
 
@@ -103,8 +101,8 @@ def main() -> None:
     ray.init(num_gpus=1, include_dashboard=False, logging_level="WARNING")
     remote = ray.remote(num_gpus=1, num_cpus=1)(fn)
     t0 = time.time()
-    print(json.dumps({"where": "ray task", "wall_s": None, **ray.get(remote.remote(*fargs))}), flush=True)
-    print("ray wall", round(time.time() - t0, 1))
+    result = ray.get(remote.remote(*fargs))
+    print(json.dumps({"where": "ray task", "wall_s": round(time.time() - t0, 1), **result}), flush=True)
 
 
 if __name__ == "__main__":
