@@ -49,6 +49,12 @@ CONFIGS: dict[str, dict] = {
     "default+min_island=0.25": {"escalate_below": None, "min_island": 0.25},
     "default, scales 0.9/1.1": {"escalate_below": None, "scales": [0.9, 1.1]},
     "default, scales 0.8/1.2": {"escalate_below": None, "scales": [0.8, 1.2]},
+    # Cheaper escalations: what the unsure photos get after the first look.
+    "one look, default clean-up": {"escalate_below": None, "scales": [1.0], "flip": False},
+    "escalate 0.95 to the mirror only": {"scales": [1.0]},
+    "escalate 0.95 to scales 1.0/1.2 + mirror": {"scales": [1.0, 1.2]},
+    "escalate 0.95 to scales 0.8/1.0 + mirror": {"scales": [0.8, 1.0]},
+    "escalate 0.95 to scales 0.8/1.0/1.2, no mirror": {"flip": False},
 }
 
 

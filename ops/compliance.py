@@ -59,7 +59,7 @@ class Subject:
     def product(self) -> np.ndarray:
         if has_mask(self.mask) and self.mask.shape == self.image.shape[:2]:
             return (self.mask >= 128).astype(np.uint8)
-        return (self.image.min(axis=2) < NON_WHITE).astype(np.uint8)
+        return (self.darkest < NON_WHITE).astype(np.uint8)
 
     @functools.cached_property
     def bbox(self) -> tuple[int, int, int, int] | None:
@@ -67,8 +67,10 @@ class Subject:
 
     @functools.cached_property
     def darkest(self) -> np.ndarray:
-        """Per pixel, the lowest of R, G, B (a pixel is white only if all three are)."""
-        return self.image.min(axis=2)
+        """Per pixel, the lowest of R, G, B (a pixel is white only if all three are). Two
+        elementwise minimums: numpy's min over the last axis of HxWx3 is ~10x slower."""
+        img = self.image
+        return np.minimum(np.minimum(img[..., 0], img[..., 1]), img[..., 2])
 
     def memo(self, key: tuple, compute: Callable[[], Any]) -> Any:
         """One computation per subject for work several channels' rules share (two channels
@@ -257,11 +259,12 @@ def _no_border(s: Subject, max_band: float, min_contrast: float, min_sides: int)
     for side, strip in strips.items():
         strip = strip.astype(np.float32)
         limit = max(3, int(max_band * (h if side in ("top", "bottom") else w)))
-        edge = strip[0].mean(axis=0)
-        width = 0
-        while width < limit and strip[width].std(axis=0).max() < 6 and np.abs(strip[width].mean(axis=0) - edge).max() < 8:
-            width += 1
-        if 2 <= width < limit and np.abs(strip[width].mean(axis=0) - edge).max() >= min_contrast:
+        # Every line's mean colour and spread at once (a white margin walks all `limit` lines).
+        means, spread = strip.mean(axis=1), strip.std(axis=1).max(axis=1)
+        off = np.abs(means - means[0]).max(axis=1)
+        flat = (spread[:limit] < 6) & (off[:limit] < 8)
+        width = int(np.argmin(flat)) if not flat.all() else limit
+        if 2 <= width < limit and off[width] >= min_contrast:
             framed.append(f"{side} {width}px")
     if len(framed) >= min_sides:
         return f"the image has a border ({', '.join(framed)}); remove the frame"

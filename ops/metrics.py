@@ -23,9 +23,12 @@ def ciede2000_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def mean_ciede2000(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    de = ciede2000_map(a, b)
     if mask is not None:
-        de = de[mask.astype(bool)]
+        # Per-pixel colour maths on the masked pixels only (a product is often under half the
+        # frame): the same values as masking the whole map afterwards.
+        keep = mask.astype(bool)
+        a, b = a[keep][:, None, :], b[keep][:, None, :]
+    de = ciede2000_map(a, b) if a.size else np.zeros(0)
     return float(de.mean()) if de.size else float("nan")
 
 

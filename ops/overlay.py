@@ -70,33 +70,54 @@ def detect_overlay(image: np.ndarray, sensitivity: float = 3.0, max_stroke: int 
     strokes isolate them; a robust (MAD) threshold keeps the strongest; strokes are then
     joined into word-shaped groups, and blobs that are not stroke-like (too thick, too round
     or too large) are dropped, which keeps most product edges and photo texture out."""
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    # In 8 bits throughout: top-hats of an 8-bit image are whole numbers anyway, and
+    # medians of whole numbers come from a 256-bin histogram instead of a sort.
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     k = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * max_stroke + 1,) * 2)
     bright = cv2.morphologyEx(grey, cv2.MORPH_TOPHAT, k)
     dark = cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, k)
-    sat = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32)
+    colourless = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 1] < 90
     out = np.zeros(grey.shape, np.uint8)
     for resp in (bright, dark):
-        med = float(np.median(resp))
-        mad = float(np.median(np.abs(resp - med))) * 1.4826 + 1e-3
-        strokes = ((resp > med + sensitivity * 3 * mad) & (resp > 12) & (sat < 90)).astype(np.uint8)
+        counts = np.bincount(resp.ravel(), minlength=256)
+        med = _median_of_counts(counts)
+        # |resp - med| for every level at once; its median from the same counts.
+        dev = np.abs(np.arange(256) - med)
+        order = np.argsort(dev, kind="stable")
+        mad = _median_of_sorted_counts(dev[order], counts[order]) * 1.4826 + 1e-3
+        strokes = ((resp > max(12.0, med + sensitivity * 3 * mad)) & colourless).astype(np.uint8)
         out |= _stroke_like(strokes, max_stroke)
     return out * 255
 
 
+def _median_of_counts(counts: np.ndarray) -> float:
+    """np.median of the values 0..255 held `counts[v]` times each."""
+    return _median_of_sorted_counts(np.arange(len(counts), dtype=np.float64), counts)
+
+
+def _median_of_sorted_counts(values: np.ndarray, counts: np.ndarray) -> float:
+    """np.median of `values` (ascending) each repeated `counts` times: the middle one, or
+    the mean of the middle two for an even total."""
+    total = int(counts.sum())
+    cum = np.cumsum(counts)
+    lo = values[int(np.searchsorted(cum, (total - 1) // 2, side="right"))]
+    hi = values[int(np.searchsorted(cum, total // 2, side="right"))]
+    return float(lo + hi) / 2.0
+
+
 def _stroke_like(strokes: np.ndarray, max_stroke: int) -> np.ndarray:
     n, labels, stats, _ = cv2.connectedComponentsWithStats(strokes, connectivity=8)
-    keep = np.zeros(n, bool)
     frame = strokes.size
     dist = cv2.distanceTransform(strokes, cv2.DIST_L2, 3)
-    # Thickness of each component = 2 x its largest inscribed radius.
+    # Thickness of each component = 2 x its largest inscribed radius (stroke pixels only:
+    # everywhere else both the label and the distance are 0).
     thick = np.zeros(n, np.float32)
-    np.maximum.at(thick, labels.ravel(), dist.ravel())
-    for i in range(1, n):
-        area = stats[i, cv2.CC_STAT_AREA]
-        w, h = stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT]
-        fill = area / max(1, w * h)
-        keep[i] = 8 <= area <= 0.02 * frame and 2 * thick[i] <= max_stroke + 1 and fill < 0.75
+    on = strokes.astype(bool)
+    np.maximum.at(thick, labels[on], dist[on])
+    area = stats[:, cv2.CC_STAT_AREA]
+    fill = area / np.maximum(1, stats[:, cv2.CC_STAT_WIDTH] * stats[:, cv2.CC_STAT_HEIGHT])
+    keep = (area >= 8) & (area <= 0.02 * frame) & (2 * thick <= max_stroke + 1) & (fill < 0.75)
+    keep[0] = False
     kept = keep[labels].astype(np.uint8)
     # Letters of one word sit close together: keep only components that have neighbours, since
     # a lone thin curve is more likely a product edge than text.

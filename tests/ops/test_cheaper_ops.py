@@ -110,6 +110,26 @@ def test_denoise_v2_on_a_real_photo_with_added_noise_gains_at_least_what_v1_gain
     assert psnr(v2, clean) >= psnr(v1, clean) - 1.0
 
 
+def test_denoise_on_the_product_box_equals_the_whole_frame_run_inside_the_matte():
+    # Tolerance: none inside the matte (any alpha); outside the box the pixels are the input's.
+    from ops.base import OpInputError
+
+    frame, product = Denoise({}), Denoise({"region": "product"})
+    for seed, size in ((0, (480, 400)), (1, (517, 389))):  # an odd-sized frame too
+        r = render_product(seed, degradation="noise", size=size)
+        item = Item(r.photo, r.mask, identity_affine(), 0, {})
+        whole, boxed = frame.apply(item).image, product.apply(item).image
+        inside = r.mask > 0
+        assert not np.array_equal(whole, r.photo)  # the noise was filtered at all
+        assert np.array_equal(boxed[inside], whole[inside]), seed
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        far = np.ones(inside.shape, bool)
+        far[max(0, rows[0] - 40) : rows[-1] + 41, max(0, cols[0] - 40) : cols[-1] + 41] = False
+        assert far.any() and np.array_equal(boxed[far], r.photo[far]), seed
+    with pytest.raises(OpInputError, match="remove_background before denoise"):
+        product.apply(Item(r.photo, NO_MASK, identity_affine(), 0, {}))
+
+
 def test_noise_and_colour_estimates_on_a_sample_stay_within_15_percent():
     # Tolerance: the tiled noise estimate within 15% (or 0.1) of the every-pixel float64 one,
     # colourfulness within 2%; images under 1 MP are measured whole (float32 vs float64 only).
@@ -183,3 +203,132 @@ def test_compliance_with_shared_work_gives_the_same_verdicts_as_each_rule_alone(
         grown_ref = cv2.dilate((mask > 0).astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))) > 0 if mask.size else None
         if grown_ref is not None:
             assert np.array_equal(C._grown_mask(mask, 4), grown_ref)
+
+
+def _no_border_v1(s, max_band: float, min_contrast: float, min_sides: int):
+    """The line-by-line walk before the bands were measured in one go."""
+    img = s.image
+    h, w = img.shape[:2]
+    k = max(3, int(max_band * max(h, w))) + 1
+    t = img.transpose(1, 0, 2)
+    framed = []
+    for side, strip in {"top": img[:k], "bottom": img[::-1][:k], "left": t[:k], "right": t[::-1][:k]}.items():
+        strip = strip.astype(np.float32)
+        limit = max(3, int(max_band * (h if side in ("top", "bottom") else w)))
+        edge, width = strip[0].mean(axis=0), 0
+        while width < limit and strip[width].std(axis=0).max() < 6 and np.abs(strip[width].mean(axis=0) - edge).max() < 8:
+            width += 1
+        if 2 <= width < limit and np.abs(strip[width].mean(axis=0) - edge).max() >= min_contrast:
+            framed.append(f"{side} {width}px")
+    return f"the image has a border ({', '.join(framed)}); remove the frame" if len(framed) >= min_sides else None
+
+
+def test_border_bands_and_darkest_channel_measured_at_once_equal_the_line_by_line_walk():
+    # Tolerance: none (same verdicts and the same reason text naming the same widths).
+    from ops import compliance as C
+
+    r = render_product(1, degradation="none", size=(640, 480))
+    white = np.where(r.mask[..., None] > 0, r.photo, 255).astype(np.uint8)
+    images = [r.photo, white]
+    for band, colour in ((12, 0), (5, 200), (30, 90)):
+        framed = white.copy()
+        framed[:band], framed[-band:], framed[:, :band], framed[:, -band:] = colour, colour, colour, colour
+        images.append(framed)
+        half = white.copy()
+        half[:band], half[:, :band] = colour, colour  # two sides only
+        images.append(half)
+    images += _real_photos(4)
+    for image in images:
+        s = C.Subject(image=image, mask=NO_MASK, fmt="JPEG", n_bytes=1000)
+        assert np.array_equal(s.darkest, image.min(axis=2))
+        for params in ({"max_band": 0.1, "min_contrast": 25, "min_sides": 3}, {"max_band": 0.05, "min_contrast": 10, "min_sides": 2}):
+            assert C._no_border(s, **params) == _no_border_v1(s, **params)
+    assert C._no_border(C.Subject(image=images[2], mask=NO_MASK, fmt="JPEG", n_bytes=1), 0.1, 25, 3) is not None
+
+
+def _detect_overlay_v1(image: np.ndarray, sensitivity: float = 3.0, max_stroke: int = 9) -> np.ndarray:
+    """The float32 detector with sorted medians and a Python loop over components."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    k = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * max_stroke + 1,) * 2)
+    sat = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 1].astype(np.float32)
+    out = np.zeros(grey.shape, np.uint8)
+    for resp in (cv2.morphologyEx(grey, cv2.MORPH_TOPHAT, k), cv2.morphologyEx(grey, cv2.MORPH_BLACKHAT, k)):
+        med = float(np.median(resp))
+        mad = float(np.median(np.abs(resp - med))) * 1.4826 + 1e-3
+        strokes = ((resp > med + sensitivity * 3 * mad) & (resp > 12) & (sat < 90)).astype(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(strokes, connectivity=8)
+        keep = np.zeros(n, bool)
+        thick = np.zeros(n, np.float32)
+        np.maximum.at(thick, labels.ravel(), cv2.distanceTransform(strokes, cv2.DIST_L2, 3).ravel())
+        for i in range(1, n):
+            area, w, h = stats[i, cv2.CC_STAT_AREA], stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT]
+            keep[i] = 8 <= area <= 0.02 * strokes.size and 2 * thick[i] <= max_stroke + 1 and area / max(1, w * h) < 0.75
+        kept = keep[labels].astype(np.uint8)
+        m, groups = cv2.connectedComponents(cv2.dilate(kept, np.ones((1, 3 * max_stroke), np.uint8)), connectivity=8)
+        members = np.zeros(m, np.int32)
+        np.add.at(members, np.unique(np.stack([groups[kept > 0], labels[kept > 0]], axis=1), axis=0)[:, 0], 1)
+        wordy = members >= 3
+        wordy[0] = False
+        out |= (kept & wordy[groups]).astype(np.uint8)
+    return out * 255
+
+
+def test_overlay_detector_in_8_bits_equals_the_float_detector():
+    # Tolerance: none. Top-hats of an 8-bit image are whole numbers; the histogram medians are
+    # np.median's, halves included.
+    from ops.overlay import StampWatermark, _median_of_counts, detect_overlay
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 6, 1000, 1001):
+        v = rng.integers(0, 256, n)
+        assert _median_of_counts(np.bincount(v, minlength=256)) == float(np.median(v))
+    images = []
+    for seed in range(3):
+        photo = render_product(seed, degradation="none", size=(520, 440)).photo
+        images.append(StampWatermark({"text": "SALE -50% www.shop.example", "position": "tile", "opacity": 0.8}).apply(Item(photo, NO_MASK, identity_affine(), 0, {})).image)
+    images += [cv2.resize(p, (512, round(512 * p.shape[0] / p.shape[1])), interpolation=cv2.INTER_AREA) for p in _real_photos(6)]
+    found = 0
+    for image in images:
+        ref = _detect_overlay_v1(image)
+        assert np.array_equal(detect_overlay(image), ref)
+        found += int(ref.any())
+    assert found >= 3  # the stamped text was found, so the comparison covered real detections
+
+
+def test_sharpen_with_opencv_arithmetic_equals_the_float_formula():
+    from ops.restore import Sharpen
+
+    for params in ({}, {"amount": 0.4, "radius": 1.0}, {"threshold": 0, "amount": 1.5, "radius": 3.0}):
+        op = Sharpen(params)
+        c = op.config
+        for image in [render_product(s, degradation="noise", size=(300, 260)).photo for s in range(2)] + _real_photos(2):
+            img = image.astype(np.float32)
+            detail = img - cv2.GaussianBlur(img, (0, 0), c.radius)
+            if c.threshold:
+                detail = np.where(np.abs(detail) < c.threshold, 0.0, detail)
+            ref = np.clip(img + c.amount * detail + 0.5, 0, 255).astype(np.uint8)
+            assert np.array_equal(op.apply(Item(image, NO_MASK, identity_affine(), 0, {})).image, ref)
+
+
+def test_ciede2000_on_the_masked_pixels_equals_masking_the_whole_map():
+    from ops.metrics import ciede2000_map, mean_ciede2000
+
+    r = render_product(2, degradation="color_cast", size=(320, 280))
+    shifted = np.clip(r.photo.astype(int) + np.array([6, -4, 9]), 0, 255).astype(np.uint8)
+    inside = r.mask > 127
+    # The same per-pixel values; only the order of the final sum differs (1e-12).
+    assert mean_ciede2000(r.photo, shifted, inside) == pytest.approx(float(ciede2000_map(r.photo, shifted)[inside].mean()), rel=1e-12)
+    assert mean_ciede2000(r.photo, shifted, inside) > 1.0
+    assert np.isnan(mean_ciede2000(r.photo, shifted, np.zeros_like(inside)))
+
+
+def _real_photos(n: int) -> list[np.ndarray]:
+    """Up to n of ../shared/photos, downscaled to <= 800 px (none where it is absent)."""
+    if not (SHARED / "photos").is_dir():
+        return []
+    out = []
+    for p in sorted((SHARED / "photos").glob("dreambooth__*.jpg"))[:: 5][:n]:
+        img = np.asarray(Image.open(p).convert("RGB"))
+        s = min(1.0, 800 / max(img.shape[:2]))
+        out.append(cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA) if s < 1 else img)
+    return out
