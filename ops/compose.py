@@ -45,7 +45,7 @@ class ComposeConfig(OpConfig):
 @register
 class Compose(Op):
     name = "compose"
-    version = "3"
+    version = "4"  # 4: the product region is resized, not warped (same placement to half a pixel)
     Config = ComposeConfig
     model_fields = ("upscale_model",)
     _sr = None  # the super-resolution op, set up by setup() when the recipe names a model
@@ -95,30 +95,44 @@ class Compose(Op):
             bw, bh = x1 - x0, y1 - y0
             s = min(c.fill * cw / bw, c.fill * ch / bh)
 
-        # 3. One affine for the whole move: crop to the box, scale, centre.
+        # 3. Resize only the product's region (every pixel with any alpha, plus the resampling
+        #    kernel's reach) and paste it at a whole-pixel offset, centred to within half a
+        #    pixel. cv2.resize is separable: ~4x cheaper than warping with Lanczos, and the
+        #    affine below is exactly the move it makes. The rest of the canvas is background.
+        h, w = item.mask.shape
+        ax0, ay0, ax1, ay1 = mask_bbox(item.mask, threshold=1)
+        reach = 4 if s >= 1 else int(np.ceil(1 / s)) + 1
+        rx0, ry0, rx1, ry1 = max(0, ax0 - reach), max(0, ay0 - reach), min(w, ax1 + reach), min(h, ay1 + reach)
+        pw, ph = max(1, round((rx1 - rx0) * s)), max(1, round((ry1 - ry0) * s))
+        sx, sy = pw / (rx1 - rx0), ph / (ry1 - ry0)
+        # Where the box's corner lands when centred, and the crop's offset from it.
         tx, ty = (cw - bw * s) / 2.0, (ch - bh * s) / 2.0
-        step = chain_affines(translate_step(tx, ty), scale_step(s, s), translate_step(-x0, -y0))
-
-        # 4. Warp and blend only where the product lands (any alpha, plus the resampling
-        #    kernel's reach); the rest of the canvas is background. On a 1600 px canvas this
-        #    halves the op's cost and gives the same pixels as warping the whole frame.
-        x, y, w, h = _landing_rect(item.mask, step, s, (cw, ch)) if not c.shadow else (0, 0, cw, ch)
-        local = chain_affines(translate_step(-x, -y), step)
+        px, py = round(tx + (rx0 - x0) * s), round(ty + (ry0 - y0) * s)
+        step = chain_affines(translate_step(px, py), scale_step(sx, sy), translate_step(-rx0, -ry0))
         interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LANCZOS4
-        product = cv2.warpAffine(item.image, local, (w, h), flags=interp, borderMode=cv2.BORDER_REPLICATE)
-        a_local = cv2.warpAffine(item.mask, local, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+        product = cv2.resize(item.image[ry0:ry1, rx0:rx1], (pw, ph), interpolation=interp)
+        a_crop = cv2.resize(item.mask[ry0:ry1, rx0:rx1], (pw, ph), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+        # The part of the resized crop that is on the canvas.
+        x, y = max(0, px), max(0, py)
+        xe, ye = min(cw, px + pw), min(ch, py + ph)
+        product, a_local = product[y - py : ye - py, x - px : xe - px], a_crop[y - py : ye - py, x - px : xe - px]
         alpha = np.zeros((ch, cw), np.uint8)
-        alpha[y : y + h, x : x + w] = a_local
+        alpha[y:ye, x:xe] = a_local
 
-        # 5. Background (with shadow), then the product over it.
-        out = np.empty((ch, cw, 3), np.uint8)
-        out[:] = c.background
-        under = np.empty((h, w, 3), np.float32)
-        under[:] = c.background
+        # 4. Background (with shadow), then the product over it.
         if c.shadow:
-            under *= 1.0 - c.shadow_opacity * _contact_shadow(alpha, c.shadow_softness)[..., None]
+            under_all = np.empty((ch, cw, 3), np.float32)
+            under_all[:] = c.background
+            under_all *= 1.0 - c.shadow_opacity * _contact_shadow(alpha, c.shadow_softness)[..., None]
+            out = np.clip(under_all + 0.5, 0, 255).astype(np.uint8)
+            under = under_all[y:ye, x:xe]
+        else:
+            out = np.empty((ch, cw, 3), np.uint8)
+            out[:] = c.background
+            under = np.empty((ye - y, xe - x, 3), np.float32)
+            under[:] = c.background
         a = a_local.astype(np.float32)[..., None] * (1.0 / 255.0)
-        out[y : y + h, x : x + w] = np.clip(under * (1 - a) + product.astype(np.float32) * a + 0.5, 0, 255).astype(np.uint8)
+        out[y:ye, x:xe] = np.clip(under * (1 - a) + product.astype(np.float32) * a + 0.5, 0, 255).astype(np.uint8)
         return item.moved(out, alpha, step)
 
     def _canvas(self, size: int) -> tuple[int, int]:
@@ -137,18 +151,6 @@ class Compose(Op):
         k_x, k_y = big.shape[1] / crop.image.shape[1], big.shape[0] / crop.image.shape[0]
         mask = cv2.resize(crop.mask, (big.shape[1], big.shape[0]), interpolation=cv2.INTER_LINEAR)
         return crop.moved(big, mask, scale_step(k_x, k_y))
-
-
-def _landing_rect(mask: np.ndarray, step: np.ndarray, s: float, canvas: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(x, y, w, h) on the canvas that holds every pixel the mask's non-zero box can reach
-    through `step`, grown by the interpolation kernel's reach (Lanczos: 4 source pixels)."""
-    x0, y0, x1, y1 = mask_bbox(mask, threshold=1)
-    reach = 4 * max(1.0, s) + 2
-    cx0, cy0 = step @ np.array([x0, y0, 1.0])
-    cx1, cy1 = step @ np.array([x1, y1, 1.0])
-    cw, ch = canvas
-    x, y = max(0, int(np.floor(cx0 - reach))), max(0, int(np.floor(cy0 - reach)))
-    return x, y, min(cw, int(np.ceil(cx1 + reach))) - x, min(ch, int(np.ceil(cy1 + reach))) - y
 
 
 def _contact_shadow(alpha: np.ndarray, softness: float) -> np.ndarray:
