@@ -28,7 +28,6 @@ class ResourcePlan:
     cluster_gpus: float
     cpu_batch_size: int = 4
     parse_batch_size: int = 1024
-    fetch_cpus: float = 0.25
     gpu_batch_size: int = 4
     max_gpus: float | None = None  # GPUs the cluster can scale to (autoscaling); None = what it has now
     object_store_limit_bytes: int | None = None
@@ -78,18 +77,18 @@ class ResourcePlan:
         )
 
     def fetch_memory_bytes(self, cluster: dict[str, float]) -> float | None:
-        """Memory one fetch task may use: a CPU's share of the cluster's memory times the CPU
-        a fetch task takes (fetch tasks pack several to a CPU). None when Ray reports none."""
+        """Memory one fetch-and-decode task may use: a CPU's share of the cluster's memory.
+        None when Ray reports none."""
         memory = cluster.get("memory")
         if not memory or not self.cluster_cpus:
             return None
-        return memory / self.cluster_cpus * self.fetch_cpus
+        return memory / self.cluster_cpus
 
     def describe(self) -> str:
         return (
             f"cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU (can reach {self.max_gpus if self.max_gpus is not None else self.cluster_gpus:g} GPU); "
             f"CPU batch {self.cpu_batch_size}, "
-            f"fetch {self.fetch_cpus:g} CPU/task, GPU batch {self.gpu_batch_size}, "
+            f"GPU batch {self.gpu_batch_size}, "
             f"object store limit {self.object_store_limit_bytes // 2**20 if self.object_store_limit_bytes else 'default'} MiB"
         )
 

@@ -83,7 +83,9 @@ def shared_sources(pairs: set[tuple[str, str]], distance: int = SOURCE_DISTANCE)
 BUCKETS = 256  # groups of the distributed passes: each sees ~1/256 of the hashes
 
 
-LOCAL_ROWS = 100_000  # up to this many rows the hashes (~200 B a row) are searched on the driver
+# Up to this many rows the hashes are searched on the driver (as Python rows, ~1.8 KB each:
+# ~36 MB at the bound); above it on workers, which costs two shuffles' start-up.
+LOCAL_ROWS = 20_000
 
 
 def flag_duplicates(rows, n_rows: int | None = None):

@@ -22,7 +22,7 @@ from cluster.resources import ResourcePlan
 from pipelines.manifest import read_manifest
 from pipelines.recipes import Recipe, Step
 from pipelines.scoring import ScoreModels, scorer_label
-from pipelines.stages import DecodeAndExpand, Fetch, Finish, ParseRows, RunContext, RunSteps, pool_group, recipe_units, unit_label
+from pipelines.stages import FetchAndDecode, Finish, ParseRows, RunContext, RunSteps, pool_group, recipe_units, unit_label
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ def build_work_rows(ctx: RunContext, manifest_uri: str, columns: list[str], plan
     # A manifest file is read as one block, and Ray runs one task per block: without this
     # streaming split, a 10k-row JSONL would be processed by a single task.
     ds = ds.repartition(target_num_rows_per_block=plan.cpu_batch_size)
-    # Fetch is I/O bound: a fraction of a CPU, many requests in flight per task.
-    ds = ds.map_batches(Fetch(ctx), batch_format="pyarrow", batch_size=plan.cpu_batch_size, num_cpus=plan.fetch_cpus)
-    ds = ds.map_batches(DecodeAndExpand(ctx), batch_format="pyarrow", **cpu)
+    # Fetched bytes go straight into decode in the same task (threads keep the requests in
+    # flight), so they never queue in the object store ahead of decoding.
+    ds = ds.map_batches(FetchAndDecode(ctx), batch_format="pyarrow", **cpu)
     stages = pool_stages(recipes)
     pools = dict(stages)
     labels = [st.label for st in stage_sequence(recipes)] + [label for label in pools if label.startswith("score:")]

@@ -22,7 +22,10 @@ from pipelines.storage import StorageConfig, delete_objects, join, list_objects,
 log = logging.getLogger(__name__)
 
 TABLES = (("variant", "variants", VARIANT_SCHEMA), ("error", "errors", ERROR_SCHEMA))
-ROWS_PER_FILE = 50_000
+# Rows per part file. The writer bundles this many rows in the object store before a task
+# writes them, so it bounds the commit's object-store peak (~2 KB a row in flight): 8192
+# rows is ~16 MB per writer task and a few-MB zstd file.
+ROWS_PER_FILE = 8192
 
 
 class WriteTables:

@@ -300,6 +300,22 @@ class Fetch:
         return True
 
 
+class FetchAndDecode:
+    """Fetch, then DecodeAndExpand, in one task. As separate stages, Fetch (cheap, I/O) ran
+    ahead of decode and parked the catalog's source bytes in the object store: Ray Data
+    backpressures an operator only past half of its object-store budget, so at 10k SKUs
+    every source was fetched within a minute and waited there (~3.7 KB per 128 px source;
+    gigabytes for a real catalog). In one task the bytes live only while their batch is
+    decoded. The fetch threads still keep many requests in flight; what a CPU slot idles
+    while its batch downloads is small beside decoding and the ops (docs/benchmarks.md)."""
+
+    def __init__(self, ctx: RunContext):
+        self.fetch, self.decode = Fetch(ctx), DecodeAndExpand(ctx)
+
+    def __call__(self, table) -> Batch:
+        return self.decode(self.fetch(table))
+
+
 WORK_KEYS = [
     "sku", "source_uri", "title", "category", "attributes", "recipe", "variant", "attempt", "segment", "seed", "source_sha256",
     "source_etag", "source_size", "input_sha256", "state_key", "reuse", "source_phash",
