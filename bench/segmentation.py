@@ -55,6 +55,7 @@ CONFIGS: dict[str, dict] = {
     "escalate 0.95 to scales 1.0/1.2 + mirror": {"scales": [1.0, 1.2]},
     "escalate 0.95 to scales 0.8/1.0 + mirror": {"scales": [0.8, 1.0]},
     "escalate 0.95 to scales 0.8/1.0/1.2, no mirror": {"flip": False},
+    "escalate 0.95 to scales 0.6/0.8/1.0 + mirror": {"scales": [0.6, 0.8, 1.0]},
 }
 
 

@@ -130,6 +130,29 @@ def test_denoise_on_the_product_box_equals_the_whole_frame_run_inside_the_matte(
         product.apply(Item(r.photo, NO_MASK, identity_affine(), 0, {}))
 
 
+def test_denoise_v4_narrow_search_below_sigma_5_keeps_at_least_what_the_wide_one_did():
+    # Tolerance: on real photos with low noise added (the estimate stays under 5), the 7 px
+    # search's PSNR gain against the photo is at least the 11 px search's less 0.1 dB; above
+    # sigma 5 (the synthetic catalog's noise) the default is the 11 px search, pixel for pixel.
+    from ops.scores import noise_sigma
+
+    r = render_product(1, degradation="noise", size=(480, 480))
+    noisy_item = Item(r.photo, NO_MASK, identity_affine(), 0, {})
+    assert noise_sigma(cv2.cvtColor(r.photo, cv2.COLOR_RGB2GRAY)) >= 5.0
+    assert np.array_equal(Denoise({}).apply(noisy_item).image, Denoise({"search_window": 11}).apply(noisy_item).image)
+    photos = [p[::2, ::2].copy() for p in _real_photos(3)]
+    if not photos:
+        pytest.skip("../shared/photos is not present on this machine")
+    rng = np.random.default_rng(3)
+    for clean in photos:
+        noisy = np.clip(clean + rng.normal(0, 3.0, clean.shape) + 0.5, 0, 255).astype(np.uint8)
+        assert noise_sigma(cv2.cvtColor(noisy, cv2.COLOR_RGB2GRAY)) < 5.0
+        item = Item(noisy, NO_MASK, identity_affine(), 0, {})
+        narrow, wide = Denoise({}).apply(item).image, Denoise({"search_window": 11}).apply(item).image
+        assert not np.array_equal(narrow, wide)
+        assert psnr(narrow, clean) >= psnr(wide, clean) - 0.1
+
+
 def test_noise_and_colour_estimates_on_a_sample_stay_within_15_percent():
     # Tolerance: the tiled noise estimate within 15% (or 0.1) of the every-pixel float64 one,
     # colourfulness within 2%; images under 1 MP are measured whole (float32 vs float64 only).
