@@ -125,8 +125,9 @@ def _stroke_like(strokes: np.ndarray, max_stroke: int) -> np.ndarray:
     m, groups = cv2.connectedComponents(joined, connectivity=8)
     # Count the distinct stroke components inside each group.
     members = np.zeros(m, np.int32)
-    pairs = np.unique(np.stack([groups[kept > 0], labels[kept > 0]], axis=1), axis=0)
-    np.add.at(members, pairs[:, 0], 1)
+    on = kept > 0
+    pairs = np.unique(groups[on].astype(np.int64) * n + labels[on])  # (group, component) as one key
+    np.add.at(members, pairs // n, 1)
     wordy = members >= 3
     wordy[0] = False
     return (kept & wordy[groups]).astype(np.uint8)
