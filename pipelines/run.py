@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import time
+from collections import defaultdict
 
 from cluster.connect import connect
 from cluster.resources import apply_data_context, plan_resources
@@ -350,8 +351,13 @@ def check_models(recipes, store: ModelStore) -> None:
 
 def _summarise(rows, run_id: str, prefix: str, wall_s: float, attempt: int = 1) -> RunSummary:
     """Counts by distributed aggregation (only the small grouped results reach the driver)."""
+    # Bucket counts per block, summed here: a few dozen buckets, so no shuffle is needed.
+    counts: dict[str, int] = defaultdict(int)
+    per_block = rows.map_batches(_bucket_counts, batch_format="pyarrow", fn_kwargs={"attempt": attempt})
+    for block in per_block.iter_batches(batch_format="pyarrow", batch_size=None):
+        for bucket, n in zip(block["bucket"].to_pylist(), block["rows"].to_pylist()):
+            counts[bucket] += n
     keyed = rows.map_batches(_count_keys, batch_format="pyarrow", fn_kwargs={"attempt": attempt})
-    counts = {r["bucket"]: r["count()"] for r in keyed.groupby("bucket", num_partitions=1).count().take_all()}
     variants_by_recipe: dict[str, int] = {}
     errors_by_stage: dict[str, int] = {}
     passed = input_errors = retried = 0
@@ -383,6 +389,13 @@ def _summarise(rows, run_id: str, prefix: str, wall_s: float, attempt: int = 1) 
         retried=retried,
         **origins,
     )
+
+
+def _bucket_counts(table, attempt: int):
+    import pyarrow as pa
+
+    counted = _count_keys(table, attempt).group_by("bucket").aggregate([("bucket", "count")])
+    return pa.table({"bucket": counted["bucket"], "rows": counted["bucket_count"]})
 
 
 def _count_keys(table, attempt: int):
