@@ -145,13 +145,20 @@ def phash_distance(a: str, b: str) -> int:
     return bin(int(a, 16) ^ int(b, 16)).count("1")
 
 
+_IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
 def fidelity(image: np.ndarray, source: np.ndarray, mask: np.ndarray | None, affine: np.ndarray) -> dict[str, float]:
     """How faithfully the product's own pixels survive: warp the source into the output frame
     and compare inside the (slightly eroded) product mask, where the output should still be
     the product. Mean CIEDE2000 ~< 1 is invisible; ~> 5 is an obvious colour change."""
     h, w = image.shape[:2]
-    warped = cv2.warpAffine(source, affine, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    inside = cv2.warpAffine(np.full(source.shape[:2], 255, np.uint8), affine, (w, h), flags=cv2.INTER_NEAREST) > 0
+    if source.shape[:2] == (h, w) and np.array_equal(affine, _IDENTITY):
+        # Colour and restoration recipes move nothing: the warp would copy every pixel.
+        warped, inside = source, np.ones((h, w), bool)
+    else:
+        warped = cv2.warpAffine(source, affine, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        inside = cv2.warpAffine(np.full(source.shape[:2], 255, np.uint8), affine, (w, h), flags=cv2.INTER_NEAREST) > 0
     region = inside if not has_mask(mask) else inside & (mask >= 128)
     # Resampling blurs the last pixel or two at the product's edge; that is not a fidelity loss.
     region = cv2.erode(region.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0

@@ -366,3 +366,14 @@ def _real_photos(n: int) -> list[np.ndarray]:
         s = min(1.0, 800 / max(img.shape[:2]))
         out.append(cv2.resize(img, (round(img.shape[1] * s), round(img.shape[0] * s)), interpolation=cv2.INTER_AREA) if s < 1 else img)
     return out
+
+
+def test_fidelity_without_a_move_skips_the_warp_with_the_same_scores():
+    # Tolerance: none. An identity warp copies every pixel, so skipping it changes nothing.
+    from ops.scores import fidelity
+
+    r = render_product(4, degradation="color_cast", size=(360, 300))
+    out = np.clip(r.photo.astype(int) + np.array([5, -3, 8]), 0, 255).astype(np.uint8)
+    nudged = identity_affine() + np.array([[0.0, 0.0, 1e-12], [0.0, 0.0, 0.0]])  # takes the warp path
+    for mask in (NO_MASK, r.mask):
+        assert fidelity(out, r.photo, mask, identity_affine()) == fidelity(out, r.photo, mask, nudged)
