@@ -194,8 +194,8 @@ def test_compose_resizing_the_product_region_matches_warping_the_whole_canvas():
     # warped the whole canvas (Lanczos up, bilinear down). Same move (the affine the op
     # records, warped the old way). Tolerance, enlarging: at most 8 levels on under 3% of the
     # canvas, mean < 0.05 (OpenCV's 1/32 px table in the warp against exact weights in
-    # resize); shrinking: PSNR >= 32 dB (area averaging instead of bilinear sampling, which
-    # aliased). Where neither has any alpha the canvas is exactly the background.
+    # resize); shrinking is still the bilinear warp: at most 1 level (the crop's own origin).
+    # Where neither has any alpha the canvas is exactly the background.
     for seed, src, size in ((0, (640, 560), 900), (1, (640, 560), 900), (2, (500, 620), 1200), (3, (1400, 1300), 700)):
         op = Compose({"size": size, "fill": 0.87, "background": [255, 255, 255]})
         r = render_product(seed, degradation="none", size=src)
@@ -207,7 +207,7 @@ def test_compose_resizing_the_product_region_matches_warping_the_whole_canvas():
             assert d.max() <= 8 and (d > 0).mean() < 0.03 and d.mean() < 0.05, (seed, d.max(), (d > 0).mean())
             assert np.abs(out.mask.astype(int) - ref_alpha.astype(int)).max() <= 8
         else:
-            assert psnr(out.image, ref_img) >= 32.0, (seed, psnr(out.image, ref_img))
+            assert d.max() <= 1, (seed, d.max())
         off = (ref_alpha == 0) & (out.mask == 0)
         assert np.array_equal(out.image[off], ref_img[off]) and (out.image[off] == 255).all()
         # The product is centred and fills 87% as before.
