@@ -83,10 +83,9 @@ def _denoise_product(item: Item, h: float, *, template_window: int, search_windo
     """NLM on the product's box only (every pixel the matte touches, plus the filter's reach),
     the rest of the frame as it was. Inside the box the pixels equal a whole-frame run's: the
     margin covers the search and template windows (twice: chroma runs at half size), and the
-    crop starts and ends on even coordinates so the half-size chroma pass samples the same 2x2
-    cells and scales back by exactly 2 (a frame of odd size scales by a hair less: up to a
-    few levels differ, in colour only). A marketplace main image keeps
-    nothing outside the matte, and the product is often half the frame or less."""
+    crop starts and ends on even coordinates (or the frame's edge, which `nlm_denoise` pads
+    the same way) so the half-size chroma pass samples the same 2x2 cells. A marketplace main
+    image keeps nothing outside the matte, and the product is often half the frame or less."""
     box = mask_bbox(item.mask, threshold=1)
     if box is None:
         return item.image

@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ops.base import has_mask
+from ops.base import has_mask, identity_affine
 from ops.metrics import mean_ciede2000, ssim
 
 SCORE_NAMES = (
@@ -145,15 +145,12 @@ def phash_distance(a: str, b: str) -> int:
     return bin(int(a, 16) ^ int(b, 16)).count("1")
 
 
-_IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-
-
 def fidelity(image: np.ndarray, source: np.ndarray, mask: np.ndarray | None, affine: np.ndarray) -> dict[str, float]:
     """How faithfully the product's own pixels survive: warp the source into the output frame
     and compare inside the (slightly eroded) product mask, where the output should still be
     the product. Mean CIEDE2000 ~< 1 is invisible; ~> 5 is an obvious colour change."""
     h, w = image.shape[:2]
-    if source.shape[:2] == (h, w) and np.array_equal(affine, _IDENTITY):
+    if source.shape[:2] == (h, w) and np.array_equal(affine, identity_affine()):
         # Colour and restoration recipes move nothing: the warp would copy every pixel.
         warped, inside = source, np.ones((h, w), bool)
     else:
