@@ -251,9 +251,9 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
 
 
 def write_report_on_a_worker(run_prefix: str, storage: StorageConfig) -> str:
-    """Render the report in a Ray task: it loads every variant's report columns (about 3 KB
-    of memory per variant at 30k variants, bench/catalog_scale.py), which the driver, a small
-    process on the head node, should not hold."""
+    """Render the report in a Ray task, not on the driver (a small process on the head node).
+    The report streams the run's tables (pipelines/report_figures.py): ~300 MB at 1M variants,
+    1.2x its 100k figure (bench/report_memory.py)."""
     import ray
 
     return ray.get(ray.remote(num_cpus=1, max_retries=1)(write_report).remote(run_prefix, storage))

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.report import final_mask, key_figures, load_run, write_report
+from pipelines.report import render, write_report
+from pipelines.report_figures import final_mask, gather
 from pipelines.run import RunConfig, run_catalog
 from pipelines.sample_catalog import write_sample_catalog
 from pipelines.storage import StorageConfig
@@ -75,13 +76,12 @@ def finished_run(ray_session, tmp_path_factory):
 def test_run_writes_report_with_the_run_figures(finished_run):
     summary, run_dir = finished_run
     assert summary.report_uri == str(run_dir / "report.html") and (run_dir / "report.html").is_file()
-    data = load_run(str(run_dir), StorageConfig())
-    k = key_figures(data)
+    k = gather(str(run_dir), StorageConfig()).key
     assert (k["variants"], k["passed"], k["rejected"], k["errors"]) == (summary.variants, summary.passed, summary.rejected, summary.errors)
     assert (k["variants"], k["rejected"], k["errors"]) == (8, 4, 1)  # 4 products x 2 recipes; strict rejects its 4
-    assert k["passed"] == sum(1 for r in data.final.to_pylist() if r["recipe"] == "marketplace-main" and r["passed"])
-    assert k["throughput"] and k["throughput"] > 0 and k["worker_s_per_variant"] > 0
     variants = pq.read_table(run_dir / "variants").to_pylist()
+    assert k["passed"] == sum(1 for r in variants if r["recipe"] == "marketplace-main" and r["passed"])
+    assert k["throughput"] and k["throughput"] > 0 and k["worker_s_per_variant"] > 0
     assert all(("/rejected/" in r["output_uri"]) != r["passed"] for r in variants)
 
 
@@ -140,6 +140,31 @@ def test_report_opens_in_chromium_with_the_right_numbers(finished_run, tmp_path)
     assert pixels.shape == (1800, 1280) and pixels.std() > 10
 
 
+def test_figures_streamed_in_small_batches_equal_one_pass(finished_run):
+    """The report folds the run in batches; three rows at a time must give the page that one
+    batch over the whole run gives, and the figures must match the tables read whole."""
+    _, run_dir = finished_run
+    whole = gather(str(run_dir), StorageConfig())
+    streamed = gather(str(run_dir), StorageConfig(), batch_rows=3)
+    assert render(streamed, StorageConfig()) == render(whole, StorageConfig())
+
+    variants = pq.read_table(run_dir / "variants").to_pylist()
+    errors = pq.read_table(run_dir / "errors").to_pylist()
+    assert streamed.key["variants"] == len(variants) == 8 and streamed.key["errors"] == len(errors) == 1
+    assert {n: (r.variants, r.passed) for n, r in streamed.recipes.items()} == {
+        n: (sum(v["recipe"] == n for v in variants), sum(v["recipe"] == n and v["passed"] for v in variants)) for n in ("marketplace-main", "strict")
+    }
+    ciede = np.array([v["score_fidelity_ciede2000"] for v in variants if v["score_fidelity_ciede2000"] is not None], float)
+    ciede = ciede[np.isfinite(ciede)]
+    hist = streamed.histograms["score_fidelity_ciede2000"]
+    assert (hist.lo, hist.hi) == (ciede.min(), ciede.max())
+    assert hist.counts.tolist() == np.histogram(ciede, bins=20, range=(ciede.min(), ciede.max()))[0].tolist()
+    amazon = streamed.recipes["marketplace-main"].compliance["amazon_main"]
+    assert amazon == sum(bool(v["compliance_amazon_main"]) for v in variants if v["recipe"] == "marketplace-main")
+    assert streamed.sheets.shown[0] == "MISSING-1" and streamed.sheets.total_skus == 5
+    assert [g.stage for g in streamed.error_groups] == ["fetch"] and streamed.error_groups[0].example["sku"] == "MISSING-1"
+
+
 def test_final_mask_keeps_each_variants_last_attempt():
     import pyarrow as pa
 
@@ -150,3 +175,10 @@ def test_final_mask_keeps_each_variants_last_attempt():
         "attempt": pa.array([1, 2, 3, 1, 1, None], pa.int32()),  # null: rows from before attempts existed
     })  # fmt: skip
     assert final_mask(t).to_pylist() == [False, False, True, True, True, True]
+    # A batch judged against the whole run's retries: rows a and b alone, the retries elsewhere.
+    import pyarrow.compute as pc
+
+    from pipelines.report_figures import superseded_keys
+
+    retried = superseded_keys(t.filter(pc.greater(pc.fill_null(t["attempt"], 1), 1)))
+    assert final_mask(t.slice(0, 1), retried).to_pylist() == [False] and final_mask(t.slice(3, 1), retried).to_pylist() == [True]
