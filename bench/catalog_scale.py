@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--recipe", default=str(Path(__file__).parent / "recipes" / "scale.yaml"))
     ap.add_argument("--batch-size", type=int, default=64, help="rows per CPU task (small images: large batches, as a user would set)")
+    ap.add_argument("--part-rows", type=int, default=None, help="rows per committed part file (default: the run's, 8192)")
     ap.add_argument("--changed", type=float, default=0.01, help="share of sources changed before the third run")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
@@ -142,6 +143,8 @@ def main() -> None:
             manifest = pool.submit(write_catalog, work / f"cat-{count}", count).result()
         print(f"{count} skus: catalog written in {time.perf_counter() - t0:.0f}s", flush=True)
         base = dict(manifest=str(manifest), recipes=(args.recipe,), output=str(work / f"runs-{count}"), cpu_batch_size=args.batch_size)
+        if args.part_rows:
+            base["part_rows"] = args.part_rows
         runs = {"full": measured(RunConfig(**base, run_id="full"))}
         print("  full     ", runs["full"], flush=True)
         runs["no_change"] = measured(RunConfig(**base, run_id="nochange"))

@@ -90,6 +90,7 @@ def run(
     ),
     max_source_mb: float = typer.Option(DEFAULT_MAX_SOURCE_MB, min=0.001, help="refuse sources larger than this (checked by HEAD/stat before reading)"),
     source_timeout: float = typer.Option(DEFAULT_SOURCE_TIMEOUT_S, min=0.1, help="seconds one source may take to arrive, retries included"),
+    part_rows: int = typer.Option(8192, min=256, help="rows per committed Parquet part file: larger files suit table readers, smaller ones lower the commit's object-store peak (~2 KB a row)"),
     config: Path = typer.Option(None, "--config", help="YAML file of run options (source_prefix: [...], max_source_mb: 20, ...); flags given on the command line win"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -110,6 +111,7 @@ def run(
         num_cpus=num_cpus, num_gpus=num_gpus, cpu_batch_size=cpu_batch_size, gpu_batch_size=gpu_batch_size,
         max_gpus=max_gpus, model_cache=model_cache, full=full, max_error_rate=max_error_rate, trust_etag=etag_check, sse=sse,
         sse_kms_key_id=sse_kms_key_id, source_prefixes=tuple(source_prefix), max_source_mb=max_source_mb, source_timeout_s=source_timeout,
+        part_rows=part_rows,
     )  # fmt: skip
     summary = _guarded(lambda: run_catalog(cfg))
     _print_summary(summary)

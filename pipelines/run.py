@@ -40,7 +40,7 @@ from pipelines.model_store import ModelStore
 from pipelines.report import write_report
 from pipelines.plan import build_dataset, find_duplicate_skus, pool_stages
 from pipelines.duplicates import flag_duplicates
-from pipelines.sink import dedupe_repeated_rows, write_tables
+from pipelines.sink import ROWS_PER_FILE, dedupe_repeated_rows, write_tables
 from pipelines.stages import RunContext
 from pipelines.sources import DEFAULT_MAX_SOURCE_MB, DEFAULT_SOURCE_TIMEOUT_S, SourcePolicy, fetch_threads
 from pipelines.state import JOURNAL, LATEST, PRIOR, RUN_RECORD, PriorState, journal_attempts, journal_rows, load_prior, recipe_fingerprint
@@ -81,6 +81,8 @@ class RunConfig:
     source_prefixes: tuple[str, ...] = ()
     max_source_mb: float = DEFAULT_MAX_SOURCE_MB
     source_timeout_s: float = DEFAULT_SOURCE_TIMEOUT_S
+    # Rows per committed Parquet part file: bounds the commit's object-store peak (~2 KB a row).
+    part_rows: int = ROWS_PER_FILE
 
     def resolved_run_id(self) -> str:
         run_id = self.run_id or dt.datetime.now(dt.timezone.utc).strftime("run-%Y%m%dT%H%M%SZ")
@@ -140,6 +142,8 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     run_id = cfg.resolved_run_id()
     if not 0.0 <= cfg.max_error_rate <= 1.0:
         raise ValueError(f"max_error_rate {cfg.max_error_rate} must be between 0 and 1")
+    if cfg.part_rows < 1:
+        raise ValueError(f"part_rows {cfg.part_rows} must be at least 1 (rows per committed Parquet file; default {ROWS_PER_FILE})")
     storage = StorageConfig.from_env(cfg.s3_endpoint, cfg.sse, cfg.sse_kms_key_id)
     output = cfg.output.rstrip("/")
     run_prefix = join(output, run_id)
@@ -205,7 +209,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
 
     # 5. Commit: tables into cleared prefixes, then _run.json, then move _latest.
     check_sole_driver(run_id, run_prefix, attempt, storage)
-    write_tables(rows, run_prefix, storage)
+    write_tables(rows, run_prefix, storage, part_rows=cfg.part_rows)
     summary.wall_s = time.perf_counter() - t0
     record = {
         "run_id": run_id,

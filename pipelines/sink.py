@@ -22,9 +22,10 @@ from pipelines.storage import StorageConfig, delete_objects, join, list_objects,
 log = logging.getLogger(__name__)
 
 TABLES = (("variant", "variants", VARIANT_SCHEMA), ("error", "errors", ERROR_SCHEMA))
-# Rows per part file. The writer bundles this many rows in the object store before a task
-# writes them, so it bounds the commit's object-store peak (~2 KB a row in flight): 8192
-# rows is ~16 MB per writer task and a few-MB zstd file.
+# Rows per part file (default of `RunConfig.part_rows`, `--part-rows`). The writer bundles this
+# many rows in the object store before a task writes them, so it bounds the commit's
+# object-store peak (~2 KB a row in flight): 8192 rows is ~16 MB per writer task and a few-MB
+# zstd file. Larger files suit table readers; smaller ones lower the peak.
 ROWS_PER_FILE = 8192
 
 
@@ -52,13 +53,13 @@ def _key_columns(kind: str) -> tuple[str, ...]:
     return ("sku", "recipe", "variant", "output_uri") if kind == "variant" else ("sku", "recipe", "variant", "message")
 
 
-def write_tables(rows, run_prefix: str, storage: StorageConfig) -> int:
+def write_tables(rows, run_prefix: str, storage: StorageConfig, part_rows: int = ROWS_PER_FILE) -> int:
     """Clear RUN/variants and RUN/errors, then write the rows; returns rows written."""
     stale = [u for sub in ("variants", "errors") for u in list_objects(join(run_prefix, sub), storage)]
     if stale:
         log.info("clearing %d part files left by an interrupted commit", len(stale))
         delete_objects(stale, storage)
-    out = rows.map_batches(WriteTables(run_prefix, storage), batch_format="pyarrow", batch_size=ROWS_PER_FILE, num_cpus=0.5)
+    out = rows.map_batches(WriteTables(run_prefix, storage), batch_format="pyarrow", batch_size=part_rows, num_cpus=0.5)
     return sum(r["rows"] for r in out.take_all())
 
 

@@ -69,7 +69,7 @@ def finished_run(ray_session, tmp_path_factory):
     strict = root / "strict.yaml"  # a gate nothing passes: every variant rejected, once (no seed)
     strict.write_text(json.dumps({"name": "strict", "ops": [{"op": "sharpen"}], "gate": {"score_width": {"min": 100_000}}}))
     out = root / "out"
-    summary = run_catalog(RunConfig(manifest=str(manifest), recipes=("marketplace-main", str(strict)), output=str(out), run_id="r1", max_error_rate=0.5))
+    summary = run_catalog(RunConfig(manifest=str(manifest), recipes=("marketplace-main", str(strict)), output=str(out), run_id="r1", max_error_rate=0.5, part_rows=3))
     return summary, out / "r1"
 
 
@@ -79,6 +79,9 @@ def test_run_writes_report_with_the_run_figures(finished_run):
     k = gather(str(run_dir), StorageConfig()).key
     assert (k["variants"], k["passed"], k["rejected"], k["errors"]) == (summary.variants, summary.passed, summary.rejected, summary.errors)
     assert (k["variants"], k["rejected"], k["errors"]) == (8, 4, 1)  # 4 products x 2 recipes; strict rejects its 4
+    # part_rows=3: the commit wrote several small part files, which the report reads as one run.
+    parts = sorted((run_dir / "variants").glob("*.parquet"))
+    assert len(parts) >= 3 and all(pq.ParquetFile(p).metadata.num_rows <= 3 for p in parts)
     variants = pq.read_table(run_dir / "variants").to_pylist()
     assert k["passed"] == sum(1 for r in variants if r["recipe"] == "marketplace-main" and r["passed"])
     assert k["throughput"] and k["throughput"] > 0 and k["worker_s_per_variant"] > 0
