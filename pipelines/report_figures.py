@@ -125,25 +125,39 @@ def parquet_files(prefix: str, storage: StorageConfig) -> list[str]:
     return [u for u in list_objects(prefix, storage) if u.endswith(".parquet")]
 
 
-def scan(files: list[str], schema: pa.Schema, storage: StorageConfig, *, filter=None, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+def scan(files: list[str], schema: pa.Schema, storage: StorageConfig, *, filter=None, filter_columns: tuple[str, ...] = (),
+         batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:  # fmt: skip
     """The files' rows in batches of at most `batch_rows`, with `schema`'s columns (a column an
     older run did not write comes back null) in `schema`'s types, then `filter` (an Arrow
-    expression over those columns). Read one file and one batch at a time, on this thread: a
-    dataset scanner reads ahead of a slower consumer without bound (170 MB queued for a
-    1M-variant run), which is the memory this module exists to avoid."""
+    expression over those columns). With `filter_columns` (the columns `filter` reads), each
+    row group is first judged on those alone and skipped when no row matches: finding a few
+    SKUs reads one column of most files.
+
+    Read one file and one batch at a time, on this thread: a dataset scanner reads ahead of a
+    slower consumer without bound (170 MB queued for a 1M-variant run), which is the memory this
+    module exists to avoid."""
     for uri in files:
         fs, path = arrow_filesystem(uri, storage)
         with fs.open_input_file(path) as f:
             reader = pq.ParquetFile(f)
-            present = [n for n in schema.names if n in reader.schema_arrow.names]
-            for batch in reader.iter_batches(batch_size=batch_rows, columns=present):
-                t = pa.Table.from_batches([batch])
-                cols = [t[f.name].cast(f.type) if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema]
-                t = pa.Table.from_arrays(cols, schema=schema)
-                if filter is not None:
-                    t = t.filter(filter)
-                if len(t):
-                    yield t
+            names = reader.schema_arrow.names
+            present = [n for n in schema.names if n in names]
+            for group in range(reader.num_row_groups):
+                if filter is not None and filter_columns:
+                    probe = reader.read_row_group(group, columns=[c for c in filter_columns if c in names])
+                    if not len(_conform(probe, _sub(schema, filter_columns)).filter(filter)):
+                        continue
+                for batch in reader.iter_batches(batch_size=batch_rows, row_groups=[group], columns=present):
+                    t = _conform(pa.Table.from_batches([batch]), schema)
+                    if filter is not None:
+                        t = t.filter(filter)
+                    if len(t):
+                        yield t
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    cols = [t[f.name].cast(f.type) if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _sub(schema: pa.Schema, names) -> pa.Schema:
@@ -200,7 +214,7 @@ def gather(run_prefix: str, storage: StorageConfig, *, max_skus: int = 60, batch
     efiles = parquet_files(join(run_prefix, "errors"), storage)
 
     # 1. Which attempts a gate retry replaced: only the rows with attempt > 1 are read.
-    retried = [superseded_keys(t) for t in scan(vfiles, _sub(REPORT_SCHEMA, ATTEMPT_KEY), storage, filter=pc.field("attempt") > 1, batch_rows=batch_rows)]
+    retried = [superseded_keys(t) for t in scan(vfiles, _sub(REPORT_SCHEMA, ATTEMPT_KEY), storage, filter=pc.field("attempt") > 1, filter_columns=("attempt",), batch_rows=batch_rows)]
     superseded = pa.concat_arrays(retried) if retried else pa.array([], pa.string())
 
     # 2. Every variant's report columns, once, folded into counters.
@@ -420,13 +434,13 @@ def _sheets(vfiles, efiles, storage: StorageConfig, v: _VariantTotals, errors: _
     variants_of: dict[str, list[dict]] = {}
     errors_of: dict[str, list[dict]] = {}
     for files, schema, into in ((vfiles, REPORT_SCHEMA, variants_of), (efiles, ERROR_SCHEMA, errors_of)):
-        for t in scan(files, schema, storage, filter=pc.field("sku").isin(wanted), batch_rows=batch_rows) if shown else ():
+        for t in scan(files, schema, storage, filter=pc.field("sku").isin(wanted), filter_columns=("sku",), batch_rows=batch_rows) if shown else ():
             for r in t.to_pylist():
                 into.setdefault(r["sku"], []).append(r)
     sources = {(variants_of.get(s) or errors_of.get(s) or [{}])[0].get("source_uri") for s in shown} - {None}
     refused: set[str] = set()
     refusals = pc.field("error_type").isin(pa.array(SOURCE_REFUSALS)) & pc.field("source_uri").isin(pa.array(sorted(sources), pa.string()))
-    for t in scan(efiles, _sub(ERROR_SCHEMA, ["source_uri", "error_type"]), storage, filter=refusals, batch_rows=batch_rows) if sources else ():
+    for t in scan(efiles, _sub(ERROR_SCHEMA, ["source_uri", "error_type"]), storage, filter=refusals, filter_columns=("error_type", "source_uri"), batch_rows=batch_rows) if sources else ():
         refused.update(u for u in t["source_uri"].to_pylist() if u)
     return Sheets(shown=shown, variants_of=variants_of, errors_of=errors_of, refused_sources=refused, total_skus=total)
 
