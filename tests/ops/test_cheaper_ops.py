@@ -153,22 +153,63 @@ def test_denoise_v4_narrow_search_below_sigma_5_keeps_at_least_what_the_wide_one
         assert psnr(narrow, clean) >= psnr(wide, clean) - 0.1
 
 
-def test_noise_and_colour_estimates_on_a_sample_stay_within_15_percent():
-    # Tolerance: the tiled noise estimate within 15% (or 0.1) of the every-pixel float64 one,
-    # colourfulness within 2%; images under 1 MP are measured whole (float32 vs float64 only).
+def test_noise_estimate_on_uniform_noise_and_colourfulness_on_a_sample_match_every_pixel():
+    # Tolerance: on renders with noise over the whole frame, the tiled, texture-robust noise
+    # estimate within 5% of the every-pixel float64 one (version 1); colourfulness on a sample
+    # within 2% of every pixel's. (On real textured photos the noise estimate differs on purpose:
+    # see the next test.)
     images = [render_product(s, degradation="noise", size=(1400, 1200)).photo for s in range(2)]
     images += [render_product(2, degradation="noise", size=(480, 480)).photo]
-    if (SHARED / "photos").is_dir():
-        images += [np.asarray(Image.open(p).convert("RGB")) for p in sorted((SHARED / "photos").glob("dreambooth__*.jpg"))[::6]]
     for img in images:
         grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
         old, new = _noise_sigma_v1(grey), noise_sigma(grey)
-        limit = 1e-3 * old + 1e-4 if grey.size <= 1_000_000 else max(0.15 * old, 0.1)
-        assert abs(new - old) <= limit, (grey.shape, old, new)
+        assert abs(new - old) <= 0.05 * old, (grey.shape, old, new)
+    if (SHARED / "photos").is_dir():
+        images += [np.asarray(Image.open(p).convert("RGB")) for p in sorted((SHARED / "photos").glob("dreambooth__*.jpg"))[::6]]
+    for img in images:
         rgb = img.astype(np.float64)
         rg, yb = rgb[..., 0] - rgb[..., 1], 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
         old_c = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
         assert abs(colorfulness(img) - old_c) <= 0.02 * old_c + 1e-6
+
+
+@pytest.mark.parametrize("side", [480, 1400])
+def test_noise_estimate_reads_a_noisy_product_on_clipped_white(side):
+    # Ground truth: a product with Gaussian noise sigma 3 / 6 on a blown-out white backdrop
+    # (half the frame clipped at 255, where no noise survives). Within 15% of sigma; the pooled
+    # every-pixel estimator (version 1) read sigma 6 as ~1, so `denoise` left such photos alone.
+    rng = np.random.default_rng(side)
+    for sigma in (3.0, 6.0):
+        img = np.full((side, side), 255.0)
+        inner = int(side * np.sqrt(0.4))
+        y0 = (side - inner) // 2
+        shading = 120 + 40 * np.sin(np.arange(inner) / (inner / 40))[None, :]
+        img[y0 : y0 + inner, y0 : y0 + inner] = shading + rng.normal(0, sigma, (inner, inner))
+        grey = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+        assert abs(noise_sigma(grey) - sigma) <= 0.15 * sigma, (side, sigma, noise_sigma(grey))
+        assert _noise_sigma_v1(grey) < 0.5 * sigma  # what the pooled estimate read
+
+
+@pytest.mark.skipif(not (SHARED / "photos").is_dir(), reason="../shared/photos is not present on this machine")
+def test_noise_estimate_does_not_read_texture_as_noise_on_real_photos():
+    # Real photos over 1 MP (the texture-robust estimate's tiles are then spread over the frame).
+    # Clean: at most 3 read sigma >= 1.5 (denoise's threshold); pooling every tile read 8 of these
+    # 37 (textured candles, knit sneakers). With sigma 6 added, every one reads >= 2 (denoised).
+    rng = np.random.default_rng(6)
+    clean_reads, noisy_reads = [], []
+    for path in sorted((SHARED / "photos").iterdir()):
+        if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            continue
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        if rgb.shape[0] * rgb.shape[1] <= 1_000_000:
+            continue
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        clean_reads.append(noise_sigma(grey))
+        noisy = np.clip(grey + rng.normal(0, 6.0, grey.shape) + 0.5, 0, 255).astype(np.uint8)
+        noisy_reads.append(noise_sigma(noisy))
+    assert len(clean_reads) >= 20
+    assert sum(s >= 1.5 for s in clean_reads) <= 3, sorted(clean_reads)[-6:]
+    assert min(noisy_reads) >= 2.0, sorted(noisy_reads)[:3]
 
 
 # --------------------------------------------------------------------------- compose
