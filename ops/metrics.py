@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from skimage.color import deltaE_ciede2000, rgb2lab
+from skimage import img_as_float
+from skimage.color import deltaE_ciede2000, rgb2lab, xyz2lab
+from skimage.color.colorconv import xyz_from_rgb
 from skimage.metrics import structural_similarity
 
 
@@ -19,7 +21,27 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
 
 def ciede2000_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-pixel CIEDE2000 colour difference between two sRGB uint8 images."""
-    return deltaE_ciede2000(rgb2lab(a), rgb2lab(b))
+    return deltaE_ciede2000(srgb_to_lab(a), srgb_to_lab(b))
+
+
+def _linear_lut() -> np.ndarray:
+    """sRGB uint8 -> linear float64, computed by skimage's own rgb2xyz steps on every level."""
+    arr = img_as_float(np.arange(256, dtype=np.uint8))
+    mask = arr > 0.04045
+    arr[mask] = np.power((arr[mask] + 0.055) / 1.055, 2.4)
+    arr[~mask] /= 12.92
+    return arr
+
+
+_SRGB_LINEAR = _linear_lut()
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """skimage's rgb2lab, bit for bit, for uint8 input: the sRGB decoding (a power per
+    channel value, most of rgb2lab's cost) is a 256-entry table. Other dtypes go to rgb2lab."""
+    if rgb.dtype != np.uint8:
+        return rgb2lab(rgb)
+    return xyz2lab(_SRGB_LINEAR[rgb] @ xyz_from_rgb.T.astype(np.float64))
 
 
 def mean_ciede2000(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:

@@ -397,6 +397,21 @@ def test_ciede2000_on_the_masked_pixels_equals_masking_the_whole_map():
     assert np.isnan(mean_ciede2000(r.photo, shifted, np.zeros_like(inside)))
 
 
+def test_srgb_to_lab_equals_skimage_rgb2lab_bit_for_bit():
+    # Tolerance: none. The table holds skimage's own sRGB decoding of every uint8 level.
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    from ops.metrics import ciede2000_map, srgb_to_lab
+
+    levels = np.arange(256)
+    colours = np.stack(np.meshgrid(levels, levels, levels[::3], indexing="ij"), -1).reshape(-1, 1, 3).astype(np.uint8)
+    assert np.array_equal(srgb_to_lab(colours), rgb2lab(colours))
+    for photo in _real_photos(2) or [render_product(0, degradation="color_cast", size=(320, 280)).photo]:
+        other = np.clip(photo.astype(int) + np.array([5, -3, 8]), 0, 255).astype(np.uint8)
+        assert np.array_equal(ciede2000_map(photo, other), deltaE_ciede2000(rgb2lab(photo), rgb2lab(other)))
+    assert np.array_equal(srgb_to_lab(colours.astype(np.float64) / 255), rgb2lab(colours.astype(np.float64) / 255))
+
+
 def _real_photos(n: int) -> list[np.ndarray]:
     """Up to n of ../shared/photos, downscaled to <= 800 px (none where it is absent)."""
     if not (SHARED / "photos").is_dir():
