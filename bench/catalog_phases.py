@@ -1,0 +1,113 @@
+"""Where does a run's driver memory and object store go, phase by phase? Runs one catalog of
+`--count` SKUs (as bench/catalog_scale.py writes them) full, then with no change, and for every
+phase of `run_catalog` (load_prior, find_duplicate_skus, execute, run_gate_retries, ...)
+prints the driver's RSS at its start and end, and the driver's and the object store's peaks
+while it ran.
+
+    python bench/catalog_phases.py --count 40000 [--json bench/results/catalog_phases-40k-cpu2.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import psutil
+
+import pipelines.run as run_module
+from bench.catalog_scale import Peaks, write_catalog
+from pipelines.run import RunConfig, run_catalog
+
+PHASES = ("load_prior", "find_duplicate_skus", "execute", "run_gate_retries", "dedupe_repeated_rows", "flag_duplicates", "_summarise",
+          "write_tables", "write_report_on_a_worker")  # fmt: skip
+
+
+class PhaseProbe:
+    """Wraps each phase function of pipelines.run; a sampler thread keeps per-phase peaks."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.current: dict | None = None
+        self._peaks = Peaks(every_s=0.3)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            cur = self.current
+            if cur is not None:
+                cur["driver_peak_mb"] = max(cur["driver_peak_mb"], me.memory_info().rss / 2**20)
+                cur["store_peak_mb"] = max(cur["store_peak_mb"], self._peaks._store_bytes() / 2**20)
+            time.sleep(0.3)
+
+    def wrap(self, name: str) -> None:
+        fn = getattr(run_module, name)
+
+        @functools.wraps(fn)
+        def probed(*args, **kwargs):
+            rss = psutil.Process().memory_info().rss / 2**20
+            rec = {"phase": name, "start_mb": rss, "driver_peak_mb": rss, "store_peak_mb": 0.0}
+            self.current, t0 = rec, time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                rec["seconds"] = time.perf_counter() - t0
+                rec["end_mb"] = psutil.Process().memory_info().rss / 2**20
+                self.current = None
+                self.records.append({k: round(v, 1) if isinstance(v, float) else v for k, v in rec.items()})
+
+        setattr(run_module, name, probed)
+
+    def __enter__(self):
+        for name in PHASES:
+            self.wrap(name)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=40_000)
+    ap.add_argument("--recipe", default=str(Path(__file__).parent / "recipes" / "scale.yaml"))
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="skustudio-bench-phases-"))
+
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        manifest = pool.submit(write_catalog, work / f"cat-{args.count}", args.count).result()
+    out = {}
+    for run_id in ("full", "nochange"):
+        cfg = RunConfig(manifest=str(manifest), recipes=(args.recipe,), output=str(work / "runs"), cpu_batch_size=args.batch_size, run_id=run_id)
+        with PhaseProbe() as probe:
+            run_catalog(cfg)
+        out[run_id] = probe.records
+        print(f"\n{args.count} SKUs, {run_id} run:")
+        for r in probe.records:
+            print(f"  {r['phase']:26s} {r['seconds']:7.1f} s  driver {r['start_mb']:6.0f} -> {r['end_mb']:6.0f} MB (peak {r['driver_peak_mb']:6.0f})"
+                  f"  object store peak {r['store_peak_mb']:7.1f} MB", flush=True)  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"count": args.count, "batch_size": args.batch_size, "phases": out}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
