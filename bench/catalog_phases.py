@@ -13,18 +13,16 @@ import argparse
 import functools
 import json
 import logging
-import multiprocessing
 import os
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
 
 import pipelines.run as run_module
-from bench.catalog_scale import Peaks, write_catalog
+from bench.catalog_scale import Peaks, write_catalog_in_child
 from pipelines.run import RunConfig, run_catalog
 
 PHASES = ("load_prior", "find_duplicate_skus", "execute", "run_gate_retries", "dedupe_repeated_rows", "flag_duplicates", "_summarise",
@@ -90,11 +88,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="skustudio-bench-phases-"))
 
+    manifest = write_catalog_in_child(work / f"cat-{args.count}", args.count)
+
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        manifest = pool.submit(write_catalog, work / f"cat-{args.count}", args.count).result()
     out = {}
     for run_id in ("full", "nochange"):
         cfg = RunConfig(manifest=str(manifest), recipes=(args.recipe,), output=str(work / "runs"), cpu_batch_size=args.batch_size, run_id=run_id)
