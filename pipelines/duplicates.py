@@ -93,29 +93,27 @@ def flag_duplicates(rows, n_rows: int | None = None):
 
     Above LOCAL_ROWS rows both searches run on the workers, grouped so that every pair they
     must compare meets in one group: a SKU's variants by the SKU's bucket, source hashes by
-    their band values' buckets (two hashes within SOURCE_DISTANCE share a band value), and
-    only the flagged keys come back to the driver. Below it, the hash columns (a few MB)
-    come to the driver instead: the same search without two shuffles' start-up cost."""
+    their band values' buckets (two hashes within SOURCE_DISTANCE share a band value). Their
+    flags stay on the workers as Arrow blocks in the object store; the driver holds only the
+    blocks' references, and each flagging worker reads them once (a catalog of look-alike
+    colour variants flags most of its SKUs: as Python dicts on the driver that was ~0.8 KB a
+    SKU, shipped to every task; bench/catalog_phases.py). Below it, the hash columns (a few
+    MB) come to the driver instead: the same search without two shuffles' start-up cost."""
     hashes = rows.map_batches(_variant_hashes, batch_format="pyarrow")
-    repeats: dict[tuple[str, str, int], int] = {}
-    shared: dict[str, set[str]] = defaultdict(set)
-    if n_rows is not None and n_rows <= LOCAL_ROWS:
-        meta = [r for b in hashes.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
-        repeats = variant_repeats(meta)
-        for sku, others in shared_sources({(r["sku"], r["source_phash"]) for r in meta}).items():
-            shared[sku].update(others)
-    else:
-        for r in _grouped(hashes.map_batches(_by_sku_bucket, batch_format="pyarrow"), _repeats_in_group):
-            repeats[(r["sku"], r["recipe"], int(r["variant"]))] = int(r["of"])
-        for r in _grouped(hashes.map_batches(_by_band_bucket, batch_format="pyarrow"), _shared_in_group):
-            shared[r["sku"]].add(r["other"])  # <= 4 groups x SHARED_LIST_MAX per sku
-    if repeats or shared:
-        log.info("near-duplicates: %d repeated variants, %d skus sharing a source photo", len(repeats), len(shared))
-    return rows.map_batches(_Flag(repeats, {k: sorted(v)[:SHARED_LIST_MAX] for k, v in shared.items()}), batch_format="pyarrow")
-
-
-def _grouped(keyed, fn) -> list[dict]:
-    return keyed.groupby("bucket").map_groups(fn, batch_format="pyarrow").take_all()
+    if n_rows is None or n_rows > LOCAL_ROWS:
+        repeats = hashes.map_batches(_by_sku_bucket, batch_format="pyarrow").groupby("bucket").map_groups(_repeats_in_group, batch_format="pyarrow").materialize()
+        shared = hashes.map_batches(_by_band_bucket, batch_format="pyarrow").groupby("bucket").map_groups(_shared_in_group, batch_format="pyarrow").materialize()
+        log.info("near-duplicates: %d repeated variants, %d (sku, other sku) pairs sharing a source photo", repeats.count(), shared.count())
+        flags = {"repeats": repeats.to_arrow_refs(), "shared": shared.to_arrow_refs()}
+        return rows.map_batches(_flag_from_blocks, fn_kwargs=flags, batch_format="pyarrow")
+    meta = [r for b in hashes.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
+    repeats_found = variant_repeats(meta)
+    shared_found: dict[str, set[str]] = defaultdict(set)
+    for sku, others in shared_sources({(r["sku"], r["source_phash"]) for r in meta}).items():
+        shared_found[sku].update(others)
+    if repeats_found or shared_found:
+        log.info("near-duplicates: %d repeated variants, %d skus sharing a source photo", len(repeats_found), len(shared_found))
+    return rows.map_batches(_Flag(repeats_found, {k: sorted(v)[:SHARED_LIST_MAX] for k, v in shared_found.items()}), batch_format="pyarrow")
 
 
 def _variant_hashes(table: pa.Table) -> pa.Table:
@@ -169,7 +167,54 @@ class _Flag:
             is_variant = kind == "variant"
             dup.append(self.repeats.get((sku, recipe, variant)) if is_variant else None)
             share.append(self.shared.get(sku, []) if is_variant else None)
-        i = table.schema.get_field_index("duplicate_of_variant")
-        table = table.set_column(i, "duplicate_of_variant", pa.array(dup, pa.int32()))
-        j = table.schema.get_field_index("shared_source_skus")
-        return table.set_column(j, "shared_source_skus", pa.array(share, pa.list_(pa.string())))
+        return _with_flags(table, pa.array(dup, pa.int32()), pa.array(share, pa.list_(pa.string())))
+
+
+def _with_flags(table: pa.Table, dup: pa.Array, share: pa.Array) -> pa.Table:
+    i = table.schema.get_field_index("duplicate_of_variant")
+    table = table.set_column(i, "duplicate_of_variant", dup)
+    j = table.schema.get_field_index("shared_source_skus")
+    return table.set_column(j, "shared_source_skus", share)
+
+
+# Per worker process: the flag tables behind the block references, read once.
+_FLAG_TABLES: dict[tuple, tuple[pa.Table, pa.Table]] = {}
+
+
+def _flag_tables(repeats: list, shared: list) -> tuple[pa.Table, pa.Table]:
+    """(key -> lower variant, sku -> sorted other skus) from the searches' blocks."""
+    import ray
+
+    cache_key = tuple(r.hex() for r in repeats) + ("|",) + tuple(r.hex() for r in shared)
+    if cache_key not in _FLAG_TABLES:
+        _FLAG_TABLES.clear()  # another run's flags: not needed again
+        rep = pa.concat_tables(ray.get(repeats)) if repeats else None
+        rep = pa.table({"key": _variant_key(rep), "of": pc.cast(rep["of"], pa.int32())}) if rep is not None and len(rep) else pa.table({"key": pa.array([], pa.string()), "of": pa.array([], pa.int32())})
+        pairs = pa.concat_tables(ray.get(shared)) if shared else None
+        if pairs is not None and len(pairs):
+            # The driver path's sorted(set(...))[:SHARED_LIST_MAX], in Arrow: unique pairs in
+            # (sku, other) order, listed per sku in that order, then cut.
+            pairs = pairs.group_by(["sku", "other"]).aggregate([]).sort_by([("sku", "ascending"), ("other", "ascending")])
+            lists = pairs.group_by("sku", use_threads=False).aggregate([("other", "list")])
+            share = pa.table({"sku": lists["sku"], "others": pc.list_slice(lists["other_list"], 0, SHARED_LIST_MAX)})
+        else:
+            share = pa.table({"sku": pa.array([], pa.string()), "others": pa.array([], pa.list_(pa.string()))})
+        _FLAG_TABLES[cache_key] = (rep.combine_chunks(), share.combine_chunks())
+    return _FLAG_TABLES[cache_key]
+
+
+def _variant_key(t: pa.Table):
+    return pc.binary_join_element_wise(t["sku"], t["recipe"], pc.cast(t["variant"], pa.string()), "\x00")
+
+
+def _flag_from_blocks(table: pa.Table, repeats: list, shared: list) -> pa.Table:
+    rep, share = _flag_tables(repeats, shared)
+    is_variant = pc.fill_null(pc.equal(table["kind"], "variant"), False)
+    dup = rep["of"].take(pc.index_in(_variant_key(table), value_set=rep["key"]))
+    others = share["others"].take(pc.index_in(table["sku"], value_set=share["sku"]))
+    # Variants without a flag get an empty list (as on the driver path); other rows null.
+    empty = pa.scalar([], pa.list_(pa.string()))
+    others = pc.if_else(is_variant, pc.fill_null(others, empty) if len(others) else others, pa.nulls(len(table), pa.list_(pa.string())))
+    dup = pc.if_else(is_variant, dup, pa.nulls(len(table), pa.int32()))
+    return _with_flags(table, dup.combine_chunks() if isinstance(dup, pa.ChunkedArray) else dup,
+                       others.combine_chunks() if isinstance(others, pa.ChunkedArray) else others)  # fmt: skip
