@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ops.compliance import channels
-from pipelines.schema import ERROR_SCHEMA, VARIANT_SCHEMA
+from pipelines.schema import ERROR_SCHEMA, VARIANT_SCHEMA, conform
 from pipelines.state import RUN_RECORD
 from pipelines.storage import StorageConfig, arrow_filesystem, exists, join, list_objects, read_bytes
 
@@ -145,19 +145,14 @@ def scan(files: list[str], schema: pa.Schema, storage: StorageConfig, *, filter=
             for group in range(reader.num_row_groups):
                 if filter is not None and filter_columns:
                     probe = reader.read_row_group(group, columns=[c for c in filter_columns if c in names])
-                    if not len(_conform(probe, _sub(schema, filter_columns)).filter(filter)):
+                    if not len(conform(probe, _sub(schema, filter_columns)).filter(filter)):
                         continue
                 for batch in reader.iter_batches(batch_size=batch_rows, row_groups=[group], columns=present):
-                    t = _conform(pa.Table.from_batches([batch]), schema)
+                    t = conform(pa.Table.from_batches([batch]), schema)
                     if filter is not None:
                         t = t.filter(filter)
                     if len(t):
                         yield t
-
-
-def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
-    cols = [t[f.name].cast(f.type) if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema]
-    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _sub(schema: pa.Schema, names) -> pa.Schema:

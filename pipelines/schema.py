@@ -115,3 +115,10 @@ for _name, _type in VARIANT_COLUMNS + ERROR_COLUMNS:
 OUTPUT_SCHEMA = pa.schema(list(_merged.items()))
 VARIANT_SCHEMA = pa.schema(VARIANT_COLUMNS)
 ERROR_SCHEMA = pa.schema(ERROR_COLUMNS)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns in `schema`'s types: columns it lacks (an older run's
+    files) become nulls, columns `schema` lacks are dropped."""
+    cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)

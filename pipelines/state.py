@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipelines.schema import VARIANT_SCHEMA
+from pipelines.schema import VARIANT_SCHEMA, conform
 from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, delete_objects, exists, join, list_objects, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -160,13 +160,7 @@ def _read_conformed(uris: list[str], storage: StorageConfig, schema: pa.Schema, 
         raise StorageError(f"cannot read earlier results under {uris[0].rsplit('/', 2)[0]}: {exc}") from None
     if kind and "kind" in table.column_names:
         table = table.filter(pc.equal(table["kind"], kind))
-    cols = []
-    for field in schema:
-        if field.name in table.column_names:
-            cols.append(table[field.name].cast(field.type))
-        else:
-            cols.append(pa.nulls(len(table), field.type))
-    return pa.Table.from_arrays(cols, schema=schema)
+    return conform(table, schema)
 
 
 def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int, full: bool) -> PriorState:
