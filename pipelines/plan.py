@@ -12,9 +12,11 @@ in a stage pass through it unchanged.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -122,28 +124,46 @@ def build_work_rows(ctx: RunContext, manifest_uri: str, columns: list[str], plan
 
 
 def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], plan: ResourcePlan) -> tuple[tuple[str, str, int], ...]:
-    """(sku, image_uri to keep, rows) for every sku the manifest lists more than once: a pass
-    over the manifest's valid rows grouped by sku, before any image is fetched."""
+    """(sku, image_uri to keep, rows) for every sku the manifest lists more than once, before
+    any image is fetched. Workers hash each valid row's sku to 8 bytes; the driver sorts the
+    hashes to find repeats (8 bytes a row, no shuffle), and only when there are some does a
+    second pass bring back those skus' rows."""
     names = list(ctx.recipes())
-    ds = read_manifest(manifest_uri, ctx.storage, columns)
-    ds = ds.map_batches(ParseRows(names), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
-    keys = ds.map_batches(_valid_keys, batch_format="pyarrow", num_cpus=0.25)
-    counted = keys.groupby("sku", num_partitions=max(1, min(8, int(plan.cluster_cpus)))).map_groups(_repeated, batch_format="pyarrow", num_cpus=0.25)
-    found = tuple(sorted((r["sku"], r["kept"], int(r["rows"])) for r in counted.take_all()))
+
+    def parsed():
+        ds = read_manifest(manifest_uri, ctx.storage, columns)
+        return ds.map_batches(ParseRows(names), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
+
+    # 1. Hashes of the valid rows' skus; repeated hashes (a 64-bit collision only costs a look).
+    chunks = [b["h"] for b in parsed().map_batches(_sku_hashes, batch_format="pyarrow", num_cpus=0.25).iter_batches(batch_size=None, batch_format="numpy")]
+    hashes = np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.uint64)
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes, chunks
+    if not len(repeated):
+        return ()
+    # 2. Only those skus' rows, grouped here.
+    rows = parsed().map_batches(_rows_with_hashes, fn_kwargs={"wanted": repeated}, batch_format="pyarrow", num_cpus=0.25).take_all()
+    uris: dict[str, list[str]] = {}
+    for r in rows:
+        uris.setdefault(r["sku"], []).append(r["source_uri"])
+    found = tuple(sorted((sku, min(u), len(u)) for sku, u in uris.items() if len(u) > 1))
     if found:
         log.warning("%d skus are listed more than once in the manifest (e.g. %r); one row each is kept", len(found), found[0][0])
     return found
 
 
-def _valid_keys(table: pa.Table) -> pa.Table:
-    return table.filter(pc.is_null(table["error"])).select(["sku", "source_uri"])
+def _hash_skus(skus: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") for s in skus.to_pylist()], np.uint64)
 
 
-def _repeated(group: pa.Table) -> pa.Table:
-    schema = pa.schema([("sku", pa.string()), ("kept", pa.string()), ("rows", pa.int64())])
-    if len(group) < 2:
-        return schema.empty_table()
-    return pa.table({"sku": [group["sku"][0].as_py()], "kept": [min(group["source_uri"].to_pylist())], "rows": [len(group)]}, schema=schema)
+def _sku_hashes(table: pa.Table) -> pa.Table:
+    valid = table.filter(pc.is_null(table["error"]))
+    return pa.table({"h": pa.array(_hash_skus(valid["sku"]), pa.uint64())})
+
+
+def _rows_with_hashes(table: pa.Table, wanted: np.ndarray) -> pa.Table:
+    valid = table.filter(pc.is_null(table["error"])).select(["sku", "source_uri"])
+    return valid.filter(pa.array(np.isin(_hash_skus(valid["sku"]), wanted)))
 
 
 def pool_steps(st: StagePlan) -> list:

@@ -8,7 +8,7 @@ Output layout under OUT:
     RUN/errors/*.parquet          one row per failed input (or input x recipe [x variant])
     RUN/_journal/aNNNN/*.parquet  rows as each batch finished, per attempt (deleted on commit):
                                   the passes after execution read the rows back from here
-    RUN/_prior/aNNNN-*/shard-*.parquet  reusable rows resharded by sku (deleted on commit)
+    RUN/_prior/aNNNN-*/shard-*    reusable rows resharded by sku, sorted, paged (deleted on commit)
     RUN/_run.json                 written last: the run is committed when it exists
     RUN/report.html               the run's story at a glance (pipelines/report.py), after commit
     _latest                       the last committed run; moves only on success

@@ -34,7 +34,7 @@ from pipelines.manifest import normalise_row
 from pipelines.model_store import ModelStore
 from pipelines.recipes import Recipe, load_recipe
 from pipelines.schema import FETCHED_SCHEMA, OUTPUT_SCHEMA, PARSED_SCHEMA
-from pipelines.state import PriorState, attempt_dir, carried_row, input_sha256, prior_rows, state_key
+from pipelines.state import PriorState, attempt_dir, carried_row, input_sha256, prior_rows, prior_rows_many, state_key
 from pipelines.sources import SourcePolicy
 from pipelines.storage import StorageConfig, StorageError, is_s3, join, safe_key_part, write_bytes
 
@@ -248,6 +248,12 @@ class Fetch:
     def __call__(self, table):
         _init_worker()
         rows = table.to_pylist()
+        priors = None
+        if self.ctx.trust_etag and self.ctx.prior:
+            try:  # the batch's prior pages read together; on failure each row reads its own (and fails alone)
+                priors = prior_rows_many(self.ctx.prior, [r["sku"] for r in rows if not r["error"] and is_s3(r["source_uri"])])
+            except StorageError:
+                priors = None
 
         def fetch(row: dict) -> None:
             row.update(source_bytes=b"", source_read=False, overlay_bytes=b"", source_sha256="", source_etag="", source_size=0, input_sha256="")
@@ -259,7 +265,7 @@ class Fetch:
                 policy.check(row["source_uri"])
                 if row["overlay_mask_uri"]:
                     policy.check(row["overlay_mask_uri"])
-                if self._unchanged_by_etag(row):
+                if self._unchanged_by_etag(row, priors):
                     return
                 obj = policy.read(row["source_uri"], self.ctx.storage)
                 overlay = policy.read(row["overlay_mask_uri"], self.ctx.storage).data if row["overlay_mask_uri"] else b""
@@ -275,14 +281,14 @@ class Fetch:
             list(pool.map(fetch, rows))
         return pa.Table.from_pylist(rows, schema=FETCHED_SCHEMA)
 
-    def _unchanged_by_etag(self, row: dict) -> bool:
+    def _unchanged_by_etag(self, row: dict, batch_priors: dict | None) -> bool:
         """True (and the row's hashes filled in from the prior state) when a HEAD shows the
         S3 object has the ETag and size recorded when every one of its variants was made, and
         every state key still matches: the bytes are then known without reading them."""
         uri = row["source_uri"]
         if not (self.ctx.trust_etag and self.ctx.prior and is_s3(uri)) or row["overlay_mask_uri"]:
             return False
-        priors = prior_rows(self.ctx.prior, row["sku"])
+        priors = batch_priors.get(row["sku"], {}) if batch_priors is not None else prior_rows(self.ctx.prior, row["sku"])
         wanted = [(name, v) for name in row["recipes"] for v in range(self.fan_out[name])]
         found = [priors[k][-1] if k in priors else None for k in wanted]  # each variant's last attempt
         if not found or any(p is None or p["source_uri"] != uri or not p["source_etag"] for p in found):
@@ -349,7 +355,9 @@ class DecodeAndExpand:
     def __call__(self, table) -> Batch:
         _init_worker()
         out = []
-        for row in table.to_pylist():
+        rows = table.to_pylist()
+        batch_priors = prior_rows_many(self.ctx.prior, [r["sku"] for r in rows if not r["error"]])
+        for row in rows:
             base = {k: row.get(k) for k in self._BASE}
             base.update(recipe="", variant=-1, attempt=1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", op_scores="{}", op_seconds="{}", state_key="", reuse="",
                         nodes=json.dumps([node_id()]), source_phash="")  # fmt: skip
@@ -360,7 +368,7 @@ class DecodeAndExpand:
                 continue
             # 1. One work row per (recipe, variant[, segment]), each with its state key; a gate
             #    retry pass makes only the variants it regenerates, with their attempt's seed.
-            priors = prior_rows(self.ctx.prior, row["sku"])
+            priors = batch_priors.get(row["sku"], {})
             work = []
             for name in row["recipes"]:
                 recipe = self.recipes[name]

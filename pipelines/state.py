@@ -14,10 +14,11 @@ overlay mask bytes, title, category, attributes: everything an op or prompt can 
 recipe hash (every op's validated config and version) and the identity of every model the
 recipe names. Anything else is regenerated.
 
-A distributed pass reads both sources once and writes them back as Parquet shards by sku
-hash (`OUT/<run>/_prior/aNNNN/shard-NNNNN.parquet`); a worker reads the one shard a row needs
-and keeps a few indexed in memory, so lookups cost a dict access. Neither the driver nor the
-object store holds the prior rows.
+A distributed pass reads both sources once and writes them back, through storage, as shards
+by sku hash whose rows are sorted by sku and cut into small pages
+(`OUT/<run>/_prior/aNNNN-<id>/shard-NNNNN.pages`, pipelines/prior_index.py); a worker reads
+the one page a sku needs, for a whole batch at once, and keeps the last few indexed. Neither
+the driver nor the object store holds the prior rows.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ import json
 import logging
 import math
 import uuid
-from collections import OrderedDict
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipelines import prior_index
 from pipelines.schema import VARIANT_SCHEMA, conform
 from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, delete_objects, exists, join, list_objects, read_bytes, write_bytes
 
@@ -44,7 +45,8 @@ LATEST = "_latest"
 RUN_RECORD = "_run.json"
 JOURNAL = "_journal"
 PRIOR = "_prior"  # this run's shards of reusable rows (deleted on commit, like the journal)
-SHARD_ROWS = 20_000  # rows per state shard: small enough to index in ~0.1 s on a worker
+SHARD_ROWS = 50_000  # rows per state shard: what one gather task sorts (~100 MB)
+SCATTER_ROWS = 65_536  # rows one scatter task reads; tasks x shards fragments are written
 
 
 def input_sha256(source_sha256: str, overlay_sha256: str, title: str | None, category: str | None, attributes: str | None) -> str:
@@ -87,9 +89,6 @@ class PriorState:
 
     def __bool__(self) -> bool:
         return bool(self.present)
-
-    def shard_uri(self, i: int) -> str:
-        return join(self.prefix, f"shard-{i:05d}.parquet")
 
 
 def latest_run(output: str, storage: StorageConfig) -> str | None:
@@ -165,8 +164,9 @@ def _read_conformed(uris: list[str], storage: StorageConfig, schema: pa.Schema, 
 
 def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int, full: bool) -> PriorState:
     """Reusable rows for this attempt: the journal of earlier attempts (always) and the last
-    committed run (unless `full`), resharded by sku on the workers. Journal rows win over
-    committed ones for the same key (see prior_rows)."""
+    committed run (unless `full`), resharded by sku on the workers through storage
+    (pipelines/prior_index.py). Journal rows win over committed ones for the same key (see
+    prior_rows)."""
     import ray
 
     run_prefix = join(output, run_id)
@@ -179,7 +179,7 @@ def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int
     if not files:
         return PriorState(committed_run=committed)
     # 1. Rows per file from the Parquet footers (a small read each, on the workers), for the
-    #    number of shards.
+    #    number of shards and the files per scatter task.
     sources = ray.data.from_items(files, override_num_blocks=min(len(files), 64))
     rows = sum(int(b["rows"].sum()) for b in sources.map_batches(_count_rows, fn_kwargs={"storage": storage}, batch_format="pyarrow").iter_batches(batch_size=None, batch_format="numpy"))
     if not rows:
@@ -188,12 +188,19 @@ def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int
     stale = list_objects(join(run_prefix, PRIOR), storage)
     if stale:  # an interrupted attempt's shards
         delete_objects(stale, storage)
-    # Unique per load: workers cache shards by URI, and outlive runs on a long-lived cluster.
+    # Unique per load: workers cache pages by URI, and outlive runs on a long-lived cluster.
     prefix = join(run_prefix, PRIOR, f"a{attempt:04d}-{uuid.uuid4().hex[:12]}")
-    # 2. Read, conform to today's schema, key by shard, write one file per shard.
-    keyed = sources.map_batches(_read_keyed, fn_kwargs={"storage": storage, "shards": n}, batch_format="pyarrow", batch_size=1)
-    written = keyed.groupby("shard").map_groups(_write_shard, fn_kwargs={"prefix": prefix, "storage": storage}, batch_format="pyarrow").take_all()
-    present = frozenset(int(r["shard"]) for r in written)
+    # 2. Scatter: each task reads ~SCATTER_ROWS rows, conforms them to today's schema and
+    #    writes one fragment per shard. Only row counts pass through the object store.
+    per_task = max(1, SCATTER_ROWS * len(files) // rows)
+    scattered = sources.map_batches(_scatter_files, fn_kwargs={"storage": storage, "shards": n, "prefix": prefix}, batch_format="pyarrow", batch_size=per_task)
+    for _ in scattered.iter_batches(batch_size=None):
+        pass
+    # 3. Gather: each shard's fragments become its sorted pages and page index.
+    shards = ray.data.range(n, override_num_blocks=min(n, 64))
+    page_rows = prior_index.PAGE_ROWS
+    gathered = shards.map_batches(_gather_shards, fn_kwargs={"prefix": prefix, "storage": storage, "page_rows": page_rows}, batch_format="pyarrow", batch_size=1)
+    present = frozenset(int(s) for b in gathered.iter_batches(batch_size=None, batch_format="numpy") for s in b["shard"])
     log.info("reusable rows: %d (from run %s and %d journal files of earlier attempts) in %d shards", rows, committed, len(journal), n)
     return PriorState(prefix=prefix, shards=n, present=present, storage=storage, committed_run=committed, rows=rows)
 
@@ -212,60 +219,56 @@ def _count_rows(batch: pa.Table, storage: StorageConfig) -> pa.Table:
     return pa.table({"rows": pa.array(counts, pa.int64())})
 
 
-def _read_keyed(batch: pa.Table, storage: StorageConfig, shards: int) -> pa.Table:
+def _scatter_files(batch: pa.Table, storage: StorageConfig, shards: int, prefix: str) -> pa.Table:
+    uris = batch["uri"].to_pylist()
     tables = []
-    for uri, origin in zip(batch["uri"].to_pylist(), batch["origin"].to_pylist()):
+    for uri, origin in zip(uris, batch["origin"].to_pylist()):
         t = _read_variants([uri], storage)
         tables.append(t.append_column("origin", pa.array([origin] * len(t), pa.string())))
     t = pa.concat_tables(tables)
-    return t.append_column("shard", pa.array([shard_of(s or "", shards) for s in t["sku"].to_pylist()], pa.int32()))
+    t = t.append_column("shard", pa.array([shard_of(s or "", shards) for s in t["sku"].to_pylist()], pa.int32()))
+    task = hashlib.sha256("\n".join(uris).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    prior_index.scatter(t, prefix, storage, task)
+    return pa.table({"rows": pa.array([len(t)], pa.int64())})
 
 
-def _write_shard(group: pa.Table, prefix: str, storage: StorageConfig) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    shard = int(group["shard"][0].as_py())
-    buf = pa.BufferOutputStream()
-    pq.write_table(group.drop_columns(["shard"]), buf, compression="zstd")
-    write_bytes(join(prefix, f"shard-{shard:05d}.parquet"), buf.getvalue().to_pybytes(), storage, "application/vnd.apache.parquet")
-    return pa.table({"shard": pa.array([shard], pa.int32())})
+def _gather_shards(batch: pa.Table, prefix: str, storage: StorageConfig, page_rows: int) -> pa.Table:
+    present = [s for s in batch["id"].to_pylist() if prior_index.gather(int(s), prefix, storage, page_rows)]
+    return pa.table({"shard": pa.array(present, pa.int32())})
 
 
 # ---------------------------------------------------------------------------- on workers
 
-_shard_cache: OrderedDict[str, dict[str, dict[tuple[str, int], dict[str, Any]]]] = OrderedDict()
-_CACHED_SHARDS = 8
+
+def prior_rows_many(prior: PriorState, skus: list[str]) -> dict[str, dict[tuple[str, int], list[dict[str, Any]]]]:
+    """{sku: {(recipe, variant): its reusable rows, one per gate attempt, in attempt order}}
+    for a batch's skus, read together (one page per sku at most, cached on the worker). A
+    variant's rows from this run's earlier attempts replace the committed run's."""
+    if not prior:
+        return {}
+    by_shard: dict[int, list[str]] = {}
+    for sku in set(skus):
+        shard = shard_of(sku, prior.shards)
+        if shard in prior.present:
+            by_shard.setdefault(shard, []).append(sku)
+    return {sku: _resolve(rows) for sku, rows in prior_index.lookup(prior.prefix, prior.storage, by_shard).items()}
 
 
 def prior_rows(prior: PriorState, sku: str) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    """{(recipe, variant): its reusable rows, one per gate attempt, in attempt order} for one
-    sku. A variant's rows from this run's earlier attempts replace the committed run's."""
-    if not prior:
-        return {}
-    shard = shard_of(sku, prior.shards)
-    if shard not in prior.present:
-        return {}
-    key = prior.shard_uri(shard)
-    index = _shard_cache.get(key)
-    if index is None:
-        import pyarrow.parquet as pq
+    """prior_rows_many for one sku."""
+    return prior_rows_many(prior, [sku]).get(sku, {})
 
-        table = pq.read_table(pa.BufferReader(read_bytes(key, prior.storage)))
-        by_origin: dict[str, dict[str, dict[tuple[str, int], dict[int, dict]]]] = {"committed": {}, "journal": {}}
-        for row in table.to_pylist():
-            attempts = by_origin[row["origin"]].setdefault(row["sku"], {}).setdefault((row["recipe"], int(row["variant"])), {})
-            attempts[int(row.get("attempt") or 1)] = row  # a retried journal write repeats a row: keep one
-        index = {}
-        for origin in ("committed", "journal"):  # journal last: it wins
-            for s, variants in by_origin[origin].items():
-                for k, attempts in variants.items():
-                    index.setdefault(s, {})[k] = [attempts[a] for a in sorted(attempts)]
-        _shard_cache[key] = index
-        while len(_shard_cache) > _CACHED_SHARDS:
-            _shard_cache.popitem(last=False)
-    else:
-        _shard_cache.move_to_end(key)
-    return index.get(sku, {})
+
+def _resolve(rows: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    by_origin: dict[str, dict[tuple[str, int], dict[int, dict]]] = {"committed": {}, "journal": {}}
+    for row in rows:
+        attempts = by_origin[row["origin"]].setdefault((row["recipe"], int(row["variant"])), {})
+        attempts[int(row.get("attempt") or 1)] = row  # a retried journal write repeats a row: keep one
+    out: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for origin in ("committed", "journal"):  # journal last: it wins
+        for k, attempts in by_origin[origin].items():
+            out[k] = [attempts[a] for a in sorted(attempts)]
+    return out
 
 
 def carried_row(prior: dict[str, Any], run_id: str, source_uri: str) -> dict[str, Any]:

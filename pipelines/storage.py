@@ -165,6 +165,24 @@ def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
     return read_object(uri, cfg).data
 
 
+def read_range(uri: str, cfg: StorageConfig, offset: int, length: int) -> bytes:
+    """`length` bytes of an object from `offset` (one ranged GET on S3)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            resp = s3_client(cfg).get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")
+            return resp["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise _s3_error(uri, exc) from None
+    path = Path(uri.removeprefix("file://")).expanduser()
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    except OSError as exc:
+        raise StorageError(f"could not read {path}: {exc}") from None
+
+
 def head_object(uri: str, cfg: StorageConfig) -> ObjectMeta:
     """ETag and size of an S3 object without reading it."""
     bucket, key = split_s3(uri)

@@ -1,0 +1,171 @@
+"""Prior rows as shards of sorted pages: built on the workers through storage, read by point
+lookups.
+
+Layout under one load's prefix (`OUT/<run>/_prior/aNNNN-<id>/`):
+
+    scatter/shard-NNNNN/<task>.parquet   one scatter task's rows of one shard (gather deletes them)
+    shard-NNNNN.pages                    the shard's rows sorted by sku, cut into pages of about
+                                         PAGE_ROWS rows that never split a sku; each page is a
+                                         whole small Parquet file
+    shard-NNNNN.index.json               [[first sku, offset, length], ...]: one entry per page
+
+Why not a Ray shuffle: `groupby(...).map_groups` holds every prior row in the object store
+at once, so the store grew linearly with the catalog (~2 KB a row: ~21 GB at 10M rows).
+Here a task holds only its own input, and the object store only row counts.
+
+Why pages: a lookup reads the one page that holds its sku (a ranged GET of ~PAGE_ROWS rows)
+and a worker keeps the last few pages indexed. Indexing whole shards instead thrashes once a
+catalog has more shards than a worker can keep: every row then costs a whole shard's read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.storage import StorageConfig, delete_objects, join, list_objects, read_bytes, read_range, write_bytes
+
+PAGE_ROWS = 256  # rows per page: what one lookup reads and decodes (~ms)
+PARQUET = "application/vnd.apache.parquet"
+
+
+def pages_uri(prefix: str, shard: int) -> str:
+    return join(prefix, f"shard-{shard:05d}.pages")
+
+
+def index_uri(prefix: str, shard: int) -> str:
+    return join(prefix, f"shard-{shard:05d}.index.json")
+
+
+def _fragments_dir(prefix: str, shard: int) -> str:
+    return join(prefix, "scatter", f"shard-{shard:05d}")
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def scatter(table: pa.Table, prefix: str, storage: StorageConfig, task: str) -> None:
+    """Write `table`'s rows (with an int `shard` column) as one fragment per shard. `task`
+    names the fragments, so a retried task overwrites its own instead of adding copies."""
+    if not len(table):
+        return
+    table = table.sort_by("shard")
+    shards = table["shard"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+    ends = np.r_[starts[1:], len(shards)]
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        buf = pa.BufferOutputStream()
+        pq.write_table(table.slice(start, end - start).drop_columns(["shard"]), buf, compression="zstd")
+        write_bytes(join(_fragments_dir(prefix, int(shards[start])), f"{task}.parquet"), buf.getvalue().to_pybytes(), storage, PARQUET)
+
+
+def gather(shard: int, prefix: str, storage: StorageConfig, page_rows: int = PAGE_ROWS) -> int:
+    """Merge a shard's fragments into its sorted pages and index; returns its rows (0: none)."""
+    fragments = list_objects(_fragments_dir(prefix, shard), storage)
+    if not fragments:
+        return 0
+    table = pa.concat_tables([pq.read_table(pa.BufferReader(read_bytes(u, storage))) for u in fragments], promote_options="default")
+    table = table.set_column(table.schema.get_field_index("sku"), "sku", pc.fill_null(table["sku"], ""))
+    table = table.sort_by("sku")
+    skus = table["sku"].to_pylist()
+    blob = bytearray()
+    index = []
+    start = 0
+    while start < len(skus):
+        end = min(start + page_rows, len(skus))
+        while end < len(skus) and skus[end] == skus[end - 1]:  # a sku's rows stay in one page
+            end += 1
+        buf = pa.BufferOutputStream()
+        pq.write_table(table.slice(start, end - start), buf, compression="zstd")
+        page = buf.getvalue().to_pybytes()
+        index.append([skus[start], len(blob), len(page)])
+        blob += page
+        start = end
+    write_bytes(pages_uri(prefix, shard), bytes(blob), storage)
+    write_bytes(index_uri(prefix, shard), json.dumps(index).encode(), storage, "application/json")
+    delete_objects(fragments, storage)
+    return len(skus)
+
+
+# ---------------------------------------------------------------------------- looking up
+
+_CACHED_INDEXES = 4096  # a shard's index is ~50 bytes a page
+_CACHED_PAGES = 64  # ~16k rows as dicts
+_LOOKUP_THREADS = 8
+_lock = threading.Lock()
+_indexes: OrderedDict[str, tuple[list[str], list[int], list[int]]] = OrderedDict()
+_pages: OrderedDict[tuple[str, int], dict[str, list[dict[str, Any]]]] = OrderedDict()
+
+
+def _cache_get(cache: OrderedDict, key):
+    with _lock:
+        value = cache.get(key)
+        if value is not None:
+            cache.move_to_end(key)
+        return value
+
+
+def _cache_put(cache: OrderedDict, key, value, limit: int) -> None:
+    with _lock:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)
+
+
+def _load_index(prefix: str, shard: int, storage: StorageConfig):
+    entries = json.loads(read_bytes(index_uri(prefix, shard), storage))
+    value = ([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+    _cache_put(_indexes, pages_uri(prefix, shard), value, _CACHED_INDEXES)
+    return value
+
+
+def _load_page(uri: str, page: int, offset: int, length: int, storage: StorageConfig):
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for row in pq.read_table(pa.BufferReader(read_range(uri, storage, offset, length))).to_pylist():
+        rows.setdefault(row["sku"], []).append(row)
+    _cache_put(_pages, (uri, page), rows, _CACHED_PAGES)
+    return rows
+
+
+def lookup(prefix: str, storage: StorageConfig, shard_skus: dict[int, list[str]]) -> dict[str, list[dict[str, Any]]]:
+    """{sku: its rows} for the skus of each shard, reading (concurrently) only the shard
+    indexes and pages not already cached on this worker."""
+    # 1. Each shard's page index.
+    indexes = {s: _cache_get(_indexes, pages_uri(prefix, s)) for s in shard_skus}
+    missing = [s for s, v in indexes.items() if v is None]
+    with ThreadPoolExecutor(max_workers=max(1, min(_LOOKUP_THREADS, len(shard_skus)))) as pool:
+        for s, value in zip(missing, pool.map(lambda s: _load_index(prefix, s, storage), missing)):
+            indexes[s] = value
+        # 2. The page each sku falls in (pages never split a sku).
+        wanted: dict[tuple[str, int], list[str]] = {}
+        where: dict[tuple[str, int], tuple[int, int]] = {}
+        for s, skus in shard_skus.items():
+            firsts, offsets, lengths = indexes[s]
+            for sku in skus:
+                page = bisect.bisect_right(firsts, sku) - 1
+                if page >= 0:
+                    key = (pages_uri(prefix, s), page)
+                    wanted.setdefault(key, []).append(sku)
+                    where[key] = (offsets[page], lengths[page])
+        pages = {k: _cache_get(_pages, k) for k in wanted}
+        missing_pages = [k for k, v in pages.items() if v is None]
+        loaded = pool.map(lambda k: _load_page(k[0], k[1], *where[k], storage), missing_pages)
+        for k, value in zip(missing_pages, loaded):
+            pages[k] = value
+    return {sku: pages[k].get(sku, []) for k, skus in wanted.items() for sku in skus}
+
+
+def clear_cache() -> None:
+    with _lock:
+        _indexes.clear()
+        _pages.clear()

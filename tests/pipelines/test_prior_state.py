@@ -1,0 +1,114 @@
+"""The prior state: a committed run and an interrupted attempt's journal, resharded by sku
+through storage into sorted pages, must answer every sku's lookup exactly as a plain
+in-memory computation over the same files does (journal rows win, a repeated journal write
+counts once, gate attempts in order), with many shards, small pages and a small page cache,
+and leave no scatter fragments behind."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import prior_index, state
+from pipelines.schema import OUTPUT_SCHEMA, VARIANT_SCHEMA
+from pipelines.storage import StorageConfig, list_objects
+
+SKUS = 700
+
+
+def _rows(schema: pa.Schema, rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
+def _write(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+@pytest.fixture(scope="module")
+def prior_files(tmp_path_factory):
+    """OUT/_latest -> r1 with 3 variant part files; r2 has one interrupted attempt's journal."""
+    rnd = random.Random(7)
+    out = tmp_path_factory.mktemp("prior")
+    committed, journal = [], []
+    for i in range(SKUS):
+        sku = f"sku-{rnd.randrange(10**6):06d}-{i}"
+        for v in range(2):
+            attempts = 2 if rnd.random() < 0.2 else 1  # a gate retry: two rows, in attempt order
+            for a in range(1, attempts + 1):
+                committed.append({"sku": sku, "recipe": "tidy", "variant": v, "attempt": a, "state_key": f"c-{i}-{v}-{a}", "run_id": "r1", "kind": "variant"})
+        if rnd.random() < 0.3:  # the interrupted attempt redid variant 0 of this sku
+            row = {"sku": sku, "recipe": "tidy", "variant": 0, "attempt": 1, "state_key": f"j-{i}", "run_id": "r2", "kind": "variant"}
+            journal.append(row)
+            if rnd.random() < 0.5:
+                journal.append(dict(row))  # a retried journal write repeats the row
+    rnd.shuffle(committed)
+    for k in range(3):
+        _write(out / "r1" / "variants" / f"part-{k}.parquet", _rows(VARIANT_SCHEMA, committed[k::3]))
+    for k in range(0, len(journal), 40):
+        _write(out / "r2" / "_journal" / "a0001" / f"b{k:05d}.parquet", _rows(OUTPUT_SCHEMA, journal[k : k + 40]))
+    (out / "_latest").write_text(json.dumps({"run_id": "r1"}))
+    return {"out": str(out), "committed": committed, "journal": journal}
+
+
+def _expected(committed: list[dict], journal: list[dict]) -> dict[str, dict[tuple[str, int], list[tuple]]]:
+    by_key: dict[tuple, dict[int, tuple]] = {}
+    for origin, rows in (("committed", committed), ("journal", journal)):
+        fresh: dict[tuple, dict[int, tuple]] = {}
+        for r in rows:
+            fresh.setdefault((r["sku"], r["recipe"], r["variant"]), {})[r["attempt"]] = (origin, r["attempt"], r["state_key"])
+        by_key.update(fresh)  # the journal's rows replace the committed ones of their variant
+    out: dict[str, dict] = {}
+    for (sku, recipe, v), attempts in by_key.items():
+        out.setdefault(sku, {})[(recipe, v)] = [attempts[a] for a in sorted(attempts)]
+    return out
+
+
+def test_paged_prior_matches_a_plain_join(ray_session, prior_files, monkeypatch):
+    monkeypatch.setattr(state, "SHARD_ROWS", 300)  # ~6 shards
+    monkeypatch.setattr(state, "SCATTER_ROWS", 400)  # ~4 scatter tasks
+    monkeypatch.setattr(prior_index, "PAGE_ROWS", 16)
+    monkeypatch.setattr(prior_index, "_CACHED_PAGES", 5)  # most lookups evict and reread
+    prior_index.clear_cache()
+    storage = StorageConfig()
+    prior = state.load_prior(prior_files["out"], "r2", storage, attempt=2, full=False)
+    assert prior.committed_run == "r1"
+    assert prior.rows == len(prior_files["committed"]) + len(prior_files["journal"])
+    assert prior.shards == -(-prior.rows // 300) and len(prior.present) == prior.shards
+    files = list_objects(prior.prefix, storage)
+    assert files and not any("/scatter/" in f for f in files), "gather must delete the scatter fragments"
+
+    # Pages never split a sku: each is cut at PAGE_ROWS rows and runs on to the end of its last sku.
+    for shard in prior.present:
+        index = json.loads(Path(prior_index.index_uri(prior.prefix, shard)).read_text())
+        firsts = [e[0] for e in index]
+        assert firsts == sorted(firsts) and len(set(firsts)) == len(firsts)
+        for first, offset, length in index:
+            page = pq.read_table(pa.BufferReader(Path(prior_index.pages_uri(prior.prefix, shard)).read_bytes()[offset : offset + length]))
+            skus = page["sku"].to_pylist()
+            assert skus[0] == first and skus == sorted(skus)
+            assert skus.index(skus[-1]) < 16  # cut at 16 rows, then extended to the end of the last sku
+
+    expected = _expected(prior_files["committed"], prior_files["journal"])
+    skus = sorted(expected)
+    random.Random(1).shuffle(skus)
+    got = {}
+    for k in range(0, len(skus), 50):  # batches, as a stage asks
+        got.update(state.prior_rows_many(prior, skus[k : k + 50] + ["no-such-sku"]))
+    assert set(expected) <= set(got) and not got.get("no-such-sku")
+    for sku, variants in expected.items():
+        seen = {k: [(r["origin"], r["attempt"], r["state_key"]) for r in rows] for k, rows in got[sku].items()}
+        assert seen == variants, sku
+    # One sku at a time gives the same answers (the page cache is warm for some, not others).
+    for sku in skus[:40]:
+        assert state.prior_rows(prior, sku) == got[sku]
+
+
+def test_full_run_has_no_prior(ray_session, prior_files):
+    prior = state.load_prior(prior_files["out"], "r3", StorageConfig(), attempt=1, full=True)
+    assert not prior and state.prior_rows_many(prior, ["sku-x"]) == {}
