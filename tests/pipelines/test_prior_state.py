@@ -89,7 +89,7 @@ def test_paged_prior_matches_a_plain_join(ray_session, prior_files, monkeypatch)
         firsts = [e[0] for e in index]
         assert firsts == sorted(firsts) and len(set(firsts)) == len(firsts)
         for first, offset, length in index:
-            page = pq.read_table(pa.BufferReader(Path(prior_index.pages_uri(prior.prefix, shard)).read_bytes()[offset : offset + length]))
+            page = pa.ipc.open_stream(Path(prior_index.pages_uri(prior.prefix, shard)).read_bytes()[offset : offset + length]).read_all()
             skus = page["sku"].to_pylist()
             assert skus[0] == first and skus == sorted(skus)
             assert skus.index(skus[-1]) < 16  # cut at 16 rows, then extended to the end of the last sku
