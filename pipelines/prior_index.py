@@ -8,7 +8,7 @@ Layout under one load's prefix (`OUT/<run>/_prior/aNNNN-<id>/`):
                                          PAGE_ROWS rows that never split a sku; each page is an
                                          Arrow IPC stream (lz4): it decodes in ~1 ms, where a
                                          Parquet page of 70-odd columns takes ~8
-    shard-NNNNN.index.json               [[first sku, offset, length], ...]: one entry per page
+    shard-NNNNN.index.json               [[first sku, offset, length, rows], ...]: one per page
 
 Why not a Ray shuffle: `groupby(...).map_groups` holds every prior row in the object store
 at once, so the store grew linearly with the catalog (~2 KB a row: ~21 GB at 10M rows).
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.storage import StorageConfig, delete_objects, join, list_objects, read_bytes, read_range, write_bytes
+from pipelines.storage import StorageConfig, delete_objects, exists, join, list_objects, read_bytes, read_range, write_bytes
 
 PAGE_ROWS = 256  # rows per page: what one lookup reads and decodes (~ms)
 PARQUET = "application/vnd.apache.parquet"
@@ -72,8 +72,8 @@ def scatter(table: pa.Table, prefix: str, storage: StorageConfig, task: str) -> 
 def gather(shard: int, prefix: str, storage: StorageConfig, page_rows: int = PAGE_ROWS) -> int:
     """Merge a shard's fragments into its sorted pages and index; returns its rows (0: none)."""
     fragments = list_objects(_fragments_dir(prefix, shard), storage)
-    if not fragments:
-        return 0
+    if not fragments:  # none scattered here, or a retry of a gather that finished but was lost
+        return sum(e[3] for e in json.loads(read_bytes(index_uri(prefix, shard), storage))) if exists(index_uri(prefix, shard), storage) else 0
     table = pa.concat_tables([pq.read_table(pa.BufferReader(read_bytes(u, storage))) for u in fragments], promote_options="default")
     table = table.set_column(table.schema.get_field_index("sku"), "sku", pc.fill_null(table["sku"], ""))
     table = table.sort_by("sku")
@@ -86,7 +86,7 @@ def gather(shard: int, prefix: str, storage: StorageConfig, page_rows: int = PAG
         while end < len(skus) and skus[end] == skus[end - 1]:  # a sku's rows stay in one page
             end += 1
         page = _ipc_bytes(table.slice(start, end - start))
-        index.append([skus[start], len(blob), len(page)])
+        index.append([skus[start], len(blob), len(page), end - start])
         blob += page
         start = end
     write_bytes(pages_uri(prefix, shard), bytes(blob), storage)

@@ -88,7 +88,8 @@ def test_paged_prior_matches_a_plain_join(ray_session, prior_files, monkeypatch)
         index = json.loads(Path(prior_index.index_uri(prior.prefix, shard)).read_text())
         firsts = [e[0] for e in index]
         assert firsts == sorted(firsts) and len(set(firsts)) == len(firsts)
-        for first, offset, length in index:
+        assert sum(e[3] for e in index) == prior_index.gather(shard, prior.prefix, storage)  # a retried gather: same answer
+        for first, offset, length, _ in index:
             page = pa.ipc.open_stream(Path(prior_index.pages_uri(prior.prefix, shard)).read_bytes()[offset : offset + length]).read_all()
             skus = page["sku"].to_pylist()
             assert skus[0] == first and skus == sorted(skus)
