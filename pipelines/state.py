@@ -181,7 +181,11 @@ def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int
     # 1. Rows per file from the Parquet footers (a small read each, on the workers), for the
     #    number of shards and the files per scatter task.
     sources = ray.data.from_items(files, override_num_blocks=min(len(files), 64))
-    rows = sum(int(b["rows"].sum()) for b in sources.map_batches(_count_rows, fn_kwargs={"storage": storage}, batch_format="pyarrow").iter_batches(batch_size=None, batch_format="numpy"))
+    per_file: dict[str, int] = {}
+    for b in sources.map_batches(_count_rows, fn_kwargs={"storage": storage}, batch_format="pyarrow").iter_batches(batch_size=None, batch_format="pyarrow"):
+        per_file.update(zip(b["uri"].to_pylist(), b["rows"].to_pylist()))  # blocks come back in any order
+    counts = [per_file[f["uri"]] for f in files]
+    rows = sum(counts)
     if not rows:
         return PriorState(committed_run=committed)
     n = max(1, math.ceil(rows / SHARD_ROWS))
@@ -192,8 +196,9 @@ def load_prior(output: str, run_id: str, storage: StorageConfig, *, attempt: int
     prefix = join(run_prefix, PRIOR, f"a{attempt:04d}-{uuid.uuid4().hex[:12]}")
     # 2. Scatter: each task reads ~SCATTER_ROWS rows, conforms them to today's schema and
     #    writes one fragment per shard. Only row counts pass through the object store.
-    per_task = max(1, SCATTER_ROWS * len(files) // rows)
-    scattered = sources.map_batches(_scatter_files, fn_kwargs={"storage": storage, "shards": n, "prefix": prefix}, batch_format="pyarrow", batch_size=per_task)
+    tasks = [{"uris": [files[i]["uri"] for i in g], "origins": [files[i]["origin"] for i in g]} for g in scatter_groups(counts, SCATTER_ROWS)]
+    scattered = ray.data.from_items(tasks, override_num_blocks=min(len(tasks), 64))
+    scattered = scattered.map_batches(_scatter_files, fn_kwargs={"storage": storage, "shards": n, "prefix": prefix}, batch_format="pyarrow", batch_size=1)
     for _ in scattered.iter_batches(batch_size=None):
         pass
     # 3. Gather: each shard's fragments become its sorted pages and page index.
@@ -216,13 +221,26 @@ def _count_rows(batch: pa.Table, storage: StorageConfig) -> pa.Table:
                 counts.append(pq.ParquetFile(f).metadata.num_rows)
         except (OSError, pa.ArrowInvalid) as exc:
             raise StorageError(f"cannot read earlier results {uri}: {exc}") from None
-    return pa.table({"rows": pa.array(counts, pa.int64())})
+    return pa.table({"uri": batch["uri"], "rows": pa.array(counts, pa.int64())})
+
+
+def scatter_groups(counts: list[int], limit: int) -> list[list[int]]:
+    """File indexes in consecutive groups of at most `limit` rows (a larger file alone)."""
+    groups: list[list[int]] = []
+    total = limit
+    for i, c in enumerate(counts):
+        if total + c > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += c
+    return groups
 
 
 def _scatter_files(batch: pa.Table, storage: StorageConfig, shards: int, prefix: str) -> pa.Table:
-    uris = batch["uri"].to_pylist()
+    (uris,), (origins,) = batch["uris"].to_pylist(), batch["origins"].to_pylist()
     tables = []
-    for uri, origin in zip(uris, batch["origin"].to_pylist()):
+    for uri, origin in zip(uris, origins):
         t = _read_variants([uri], storage)
         tables.append(t.append_column("origin", pa.array([origin] * len(t), pa.string())))
     t = pa.concat_tables(tables)

@@ -113,3 +113,12 @@ def test_paged_prior_matches_a_plain_join(ray_session, prior_files, monkeypatch)
 def test_full_run_has_no_prior(ray_session, prior_files):
     prior = state.load_prior(prior_files["out"], "r3", StorageConfig(), attempt=1, full=True)
     assert not prior and state.prior_rows_many(prior, ["sku-x"]) == {}
+
+
+def test_scatter_groups_bound_each_task():
+    counts = [8192] * 9 + [100_000] + [4] * 50 + [70_000, 3]
+    groups = state.scatter_groups(counts, 65_536)
+    assert [i for g in groups for i in g] == list(range(len(counts)))  # every file once, in order
+    for g in groups:
+        assert len(g) == 1 or sum(counts[i] for i in g) <= 65_536
+    assert [len(g) for g in groups] == [8, 1, 1, 50, 1, 1]  # a file over the limit goes alone
