@@ -12,7 +12,6 @@ in a stage pass through it unchanged.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from collections import Counter
 
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cluster.resources import ResourcePlan
+from pipelines.hashes import hash64_array
 from pipelines.manifest import read_manifest
 from pipelines.recipes import Recipe, Step
 from pipelines.scoring import ScoreModels, scorer_label
@@ -152,18 +152,14 @@ def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], 
     return found
 
 
-def _hash_skus(skus: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    return np.array([int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") for s in skus.to_pylist()], np.uint64)
-
-
 def _sku_hashes(table: pa.Table) -> pa.Table:
     valid = table.filter(pc.is_null(table["error"]))
-    return pa.table({"h": pa.array(_hash_skus(valid["sku"]), pa.uint64())})
+    return pa.table({"h": pa.array(hash64_array(valid["sku"].to_pylist()), pa.uint64())})
 
 
 def _rows_with_hashes(table: pa.Table, wanted: np.ndarray) -> pa.Table:
     valid = table.filter(pc.is_null(table["error"])).select(["sku", "source_uri"])
-    return valid.filter(pa.array(np.isin(_hash_skus(valid["sku"]), wanted)))
+    return valid.filter(pa.array(np.isin(hash64_array(valid["sku"].to_pylist()), wanted)))
 
 
 def pool_steps(st: StagePlan) -> list:

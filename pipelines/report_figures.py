@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ops.compliance import channels
+from pipelines.hashes import DistinctHashes
 from pipelines.schema import ERROR_SCHEMA, VARIANT_SCHEMA, conform
 from pipelines.state import RUN_RECORD
 from pipelines.storage import StorageConfig, arrow_filesystem, exists, join, list_objects, read_bytes
@@ -440,30 +441,17 @@ def _sheets(vfiles, efiles, storage: StorageConfig, v: _VariantTotals, errors: _
     return Sheets(shown=shown, variants_of=variants_of, errors_of=errors_of, refused_sources=refused, total_skus=total)
 
 
-class SkuHashes:
+class SkuHashes(DistinctHashes):
     """The distinct SKUs of a run as 64-bit hashes: 8 bytes per SKU where a set of strings
     takes ~150 (Arrow's hash table included), so counting a 10M-SKU run's SKUs stays ~100 MB.
     Two SKUs sharing a hash (odds ~1e-5 at 10M) would be counted once: it only feeds the
     "N more SKUs not shown" line."""
 
-    def __init__(self):
-        self._parts: list[np.ndarray] = []
-        self._pending = 0
-
     def add(self, names: pa.Array) -> None:
-        self._parts.append(_hashes(names))
-        self._pending += len(self._parts[-1])
-        if self._pending > 4_000_000:  # fold the duplicates accumulated across batches
-            self._parts, self._pending = [self._distinct()], 0
-
-    def count(self) -> int:
-        return len(self._distinct())
+        super().add(_hashes(names))
 
     def contains(self, names: pa.Array) -> np.ndarray:
-        return np.isin(_hashes(names), self._distinct())
-
-    def _distinct(self) -> np.ndarray:
-        return np.unique(np.concatenate(self._parts)) if self._parts else np.zeros(0, np.int64)
+        return np.isin(_hashes(names), self.distinct())
 
 
 def _hashes(names: pa.Array) -> np.ndarray:

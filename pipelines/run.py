@@ -30,6 +30,8 @@ import re
 import time
 from collections import defaultdict
 
+import numpy as np
+
 from cluster.connect import connect
 from cluster.resources import apply_data_context, plan_resources
 from ops.codec import DEFAULT_MAX_PIXELS
@@ -40,6 +42,7 @@ from pipelines.model_store import ModelStore
 from pipelines.report import write_report
 from pipelines.plan import build_dataset, find_duplicate_skus, pool_stages
 from pipelines.duplicates import flag_duplicates
+from pipelines.hashes import DistinctHashes, hash64_array
 from pipelines.sink import ROWS_PER_FILE, dedupe_repeated_rows, write_tables
 from pipelines.stages import RunContext
 from pipelines.sources import DEFAULT_MAX_SOURCE_MB, DEFAULT_SOURCE_TIMEOUT_S, SourcePolicy, fetch_threads
@@ -361,7 +364,6 @@ def _summarise(rows, run_id: str, prefix: str, wall_s: float, attempt: int = 1) 
     for block in per_block.iter_batches(batch_format="pyarrow", batch_size=None):
         for bucket, n in zip(block["bucket"].to_pylist(), block["rows"].to_pylist()):
             counts[bucket] += n
-    keyed = rows.map_batches(_count_keys, batch_format="pyarrow", fn_kwargs={"attempt": attempt})
     variants_by_recipe: dict[str, int] = {}
     errors_by_stage: dict[str, int] = {}
     passed = input_errors = retried = 0
@@ -377,8 +379,12 @@ def _summarise(rows, run_id: str, prefix: str, wall_s: float, attempt: int = 1) 
         else:
             errors_by_stage[a] = errors_by_stage.get(a, 0) + n
             input_errors += n if b == "input" else 0
-    # Inputs = input-level error rows + distinct manifest rows among the rest.
-    other_inputs = keyed.filter(expr="input_key != ''").groupby("input_key", num_partitions=4).count().count()
+    # Inputs = input-level error rows + distinct manifest rows among the rest, counted from
+    # 8-byte hashes of their keys (unique per block, merged here): no shuffle.
+    seen = DistinctHashes()
+    for block in rows.map_batches(_input_hashes, batch_format="pyarrow", fn_kwargs={"attempt": attempt}).iter_batches(batch_format="numpy", batch_size=None):
+        seen.add(block["h"])
+    other_inputs = seen.count()
     return RunSummary(
         run_id=run_id,
         output=prefix,
@@ -400,6 +406,13 @@ def _bucket_counts(table, attempt: int):
 
     counted = _count_keys(table, attempt).group_by("bucket").aggregate([("bucket", "count")])
     return pa.table({"bucket": counted["bucket"], "rows": counted["bucket_count"]})
+
+
+def _input_hashes(table, attempt: int):
+    import pyarrow as pa
+
+    hashes = hash64_array(k for k in _count_keys(table, attempt)["input_key"].to_pylist() if k)
+    return pa.table({"h": pa.array(np.unique(hashes), pa.uint64())})
 
 
 def _count_keys(table, attempt: int):

@@ -356,7 +356,11 @@ class DecodeAndExpand:
         _init_worker()
         out = []
         rows = table.to_pylist()
-        batch_priors = prior_rows_many(self.ctx.prior, [r["sku"] for r in rows if not r["error"]])
+        try:
+            batch_priors = prior_rows_many(self.ctx.prior, [r["sku"] for r in rows if not r["error"]])
+        except StorageError as exc:  # regenerating is always correct, only slower
+            log.warning("prior state unreadable (%s); this batch's variants are regenerated, not reused", exc)
+            batch_priors = {}
         for row in rows:
             base = {k: row.get(k) for k in self._BASE}
             base.update(recipe="", variant=-1, attempt=1, segment=None, seed=0, next_step=0, duration_s=0.0, notes="", models="[]", op_scores="{}", op_seconds="{}", state_key="", reuse="",

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipelines import prior_index
+from pipelines.hashes import hash64
 from pipelines.schema import VARIANT_SCHEMA, conform
 from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, delete_objects, exists, join, list_objects, read_bytes, write_bytes
 
@@ -65,7 +66,7 @@ def state_key(input_sha: str, recipe_fp: str) -> str:
 
 
 def shard_of(sku: str, n: int) -> int:
-    return int.from_bytes(hashlib.blake2b(sku.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") % n
+    return hash64(sku) % n
 
 
 def attempt_dir(run_prefix: str, attempt: int) -> str:

@@ -16,7 +16,7 @@ import pytest
 
 from pipelines import prior_index, state
 from pipelines.schema import OUTPUT_SCHEMA, VARIANT_SCHEMA
-from pipelines.storage import StorageConfig, list_objects
+from pipelines.storage import StorageConfig, StorageError, list_objects
 
 SKUS = 700
 
@@ -108,6 +108,12 @@ def test_paged_prior_matches_a_plain_join(ray_session, prior_files, monkeypatch)
     # One sku at a time gives the same answers (the page cache is warm for some, not others).
     for sku in skus[:40]:
         assert state.prior_rows(prior, sku) == got[sku]
+    # A lost page file is a StorageError naming it (DecodeAndExpand then regenerates the batch).
+    shard = state.shard_of(skus[0], prior.shards)
+    Path(prior_index.pages_uri(prior.prefix, shard)).unlink()
+    prior_index.clear_cache()
+    with pytest.raises(StorageError, match=f"shard-{shard:05d}.pages"):
+        state.prior_rows_many(prior, [skus[0]])
 
 
 def test_full_run_has_no_prior(ray_session, prior_files):
