@@ -89,8 +89,9 @@ def test_paged_prior_matches_a_plain_join(ray_session, prior_files, monkeypatch)
         firsts = [e[0] for e in index]
         assert firsts == sorted(firsts) and len(set(firsts)) == len(firsts)
         assert sum(e[3] for e in index) == prior_index.gather(shard, prior.prefix, storage)  # a retried gather: same answer
-        for first, offset, length, _ in index:
-            page = pa.ipc.open_stream(Path(prior_index.pages_uri(prior.prefix, shard)).read_bytes()[offset : offset + length]).read_all()
+        for first, offset, length, _, size in index:
+            packed = Path(prior_index.pages_uri(prior.prefix, shard)).read_bytes()[offset : offset + length]
+            page = pa.ipc.open_stream(pa.Codec("lz4").decompress(packed, decompressed_size=size)).read_all()
             skus = page["sku"].to_pylist()
             assert skus[0] == first and skus == sorted(skus)
             assert skus.index(skus[-1]) < 16  # cut at 16 rows, then extended to the end of the last sku
