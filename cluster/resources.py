@@ -22,6 +22,10 @@ class PoolPlan:
     concurrency: int = 1
 
 
+TARGET_BLOCKS = 20_000  # blocks a run may make before its blocks grow past one CPU batch
+MAX_BLOCK_ROWS = 128
+
+
 @dataclasses.dataclass(frozen=True)
 class ResourcePlan:
     cluster_cpus: float
@@ -31,6 +35,24 @@ class ResourcePlan:
     gpu_batch_size: int = 4
     max_gpus: float | None = None  # GPUs the cluster can scale to (autoscaling); None = what it has now
     object_store_limit_bytes: int | None = None
+    # Rows per block after the manifest is split (each block is one fused CPU task); 0: the CPU
+    # batch. Set from the catalog's size by `for_rows`.
+    block_rows: int = 0
+
+    def for_rows(self, rows: int) -> ResourcePlan:
+        """This plan for a catalog of `rows` manifest rows. Ray Data's driver holds ~7 KB and
+        spends ~16 ms per block (bench/ray_blocks.py: linear to 40k blocks), so one block per
+        CPU batch would cost a 10M-row catalog 2.5M blocks (~17 GB on the head node). Up to
+        TARGET_BLOCKS blocks, each block is one batch (the finest balance); beyond, blocks
+        grow in whole batches up to MAX_BLOCK_ROWS rows, which still leaves thousands of tasks
+        for any cluster."""
+        batch = self.cpu_batch_size
+        batches = min(-(-rows // (TARGET_BLOCKS * batch)), MAX_BLOCK_ROWS // batch)  # per block, rounded up
+        return dataclasses.replace(self, block_rows=batch * max(1, batches))
+
+    @property
+    def rows_per_block(self) -> int:
+        return self.block_rows or self.cpu_batch_size
 
     def pool_for(self, steps, pools: int = 1) -> PoolPlan:
         """Actor pool for a group of consecutive pool steps (one actor runs them all): the
@@ -87,7 +109,7 @@ class ResourcePlan:
     def describe(self) -> str:
         return (
             f"cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU (can reach {self.max_gpus if self.max_gpus is not None else self.cluster_gpus:g} GPU); "
-            f"CPU batch {self.cpu_batch_size}, "
+            f"CPU batch {self.cpu_batch_size} ({self.rows_per_block} rows a block), "
             f"GPU batch {self.gpu_batch_size}, "
             f"object store limit {self.object_store_limit_bytes // 2**20 if self.object_store_limit_bytes else 'default'} MiB"
         )

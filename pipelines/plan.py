@@ -93,7 +93,7 @@ def build_work_rows(ctx: RunContext, manifest_uri: str, columns: list[str], plan
         ds = ds.map_batches(manifest_filter, batch_format="pyarrow")
     # A manifest file is read as one block, and Ray runs one task per block: without this
     # streaming split, a 10k-row JSONL would be processed by a single task.
-    ds = ds.repartition(target_num_rows_per_block=plan.cpu_batch_size)
+    ds = ds.repartition(target_num_rows_per_block=plan.rows_per_block)
     # Fetched bytes go straight into decode in the same task (threads keep the requests in
     # flight), so they never queue in the object store ahead of decoding.
     ds = ds.map_batches(FetchAndDecode(ctx), batch_format="pyarrow", **cpu)
@@ -123,9 +123,17 @@ def build_work_rows(ctx: RunContext, manifest_uri: str, columns: list[str], plan
     return ds
 
 
-def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], plan: ResourcePlan) -> tuple[tuple[str, str, int], ...]:
-    """(sku, image_uri to keep, rows) for every sku the manifest lists more than once, before
-    any image is fetched. Workers hash each valid row's sku to 8 bytes; the driver sorts the
+@dataclasses.dataclass(frozen=True)
+class ManifestKeys:
+    """What one pass over the manifest's valid rows tells the run before any image is fetched."""
+
+    rows: int  # valid manifest rows
+    duplicates: tuple[tuple[str, str, int], ...]  # (sku, image_uri kept, rows) per repeated sku
+
+
+def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], plan: ResourcePlan) -> ManifestKeys:
+    """The valid rows, and (sku, image_uri to keep, rows) for every sku the manifest lists
+    more than once. Workers hash each valid row's sku to 8 bytes; the driver sorts the
     hashes to find repeats (8 bytes a row, no shuffle), and only when there are some does a
     second pass bring back those skus' rows."""
     names = list(ctx.recipes())
@@ -138,9 +146,10 @@ def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], 
     chunks = [b["h"] for b in parsed().map_batches(_sku_hashes, batch_format="pyarrow", num_cpus=0.25).iter_batches(batch_size=None, batch_format="numpy")]
     hashes = np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.uint64)
     repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    rows = len(hashes)
     del hashes, chunks
     if not len(repeated):
-        return ()
+        return ManifestKeys(rows=rows, duplicates=())
     # 2. Only those skus' rows, grouped here.
     rows = parsed().map_batches(_rows_with_hashes, fn_kwargs={"wanted": repeated}, batch_format="pyarrow", num_cpus=0.25).take_all()
     uris: dict[str, list[str]] = {}
@@ -149,7 +158,7 @@ def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], 
     found = tuple(sorted((sku, min(u), len(u)) for sku, u in uris.items() if len(u) > 1))
     if found:
         log.warning("%d skus are listed more than once in the manifest (e.g. %r); one row each is kept", len(found), found[0][0])
-    return found
+    return ManifestKeys(rows=rows, duplicates=found)
 
 
 def _sku_hashes(table: pa.Table) -> pa.Table:

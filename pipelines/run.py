@@ -189,13 +189,17 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     if attempt > 1:
         log.info("run %s: attempt %d, finishing what earlier attempts left", run_id, attempt)
     ctx = dataclasses.replace(base, attempt=attempt, prior=prior, recipe_fingerprints=fingerprints, trust_etag=cfg.trust_etag)
-    duplicates = find_duplicate_skus(ctx, cfg.manifest, columns, plan)
+    keys = find_duplicate_skus(ctx, cfg.manifest, columns, plan)
+    duplicates = keys.duplicates
     ctx = dataclasses.replace(ctx, duplicates=duplicates)
+    # Blocks sized for the catalog (a gate retry pass, over a few rows, keeps one batch a block).
+    catalog_plan = plan.for_rows(keys.rows)
+    log.info("run %s: %d valid manifest rows, %d rows a block", run_id, keys.rows, catalog_plan.rows_per_block)
 
     # 4. Execute. Workers write the images and journal each batch's metadata rows; the
     #    driver keeps none of them (bench/catalog_scale.py measures what it does hold): the passes after this
     #    read the rows back from the journal.
-    produced = execute(build_dataset(ctx, cfg.manifest, columns, plan))
+    produced = execute(build_dataset(ctx, cfg.manifest, columns, catalog_plan))
     rows = run_gate_retries(ctx, cfg.manifest, columns, plan)
     rows, folded = dedupe_repeated_rows(rows, duplicates)
     rows = flag_duplicates(rows, n_rows=produced)
@@ -222,7 +226,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
         "config": {**cfg.record(), "run_id": run_id},
         "recipes": {name: {"hash": r.hash, "fingerprint": dict(fingerprints)[name], "source": redact(r.source), "ops": r.op_keys} for name, r in recipes.items()},
         "packages": _versions(),
-        "resources": {**dataclasses.asdict(plan), "pools": {label: dataclasses.asdict(p) for label, p in pool_plans.items()}},
+        "resources": {**dataclasses.asdict(catalog_plan), "pools": {label: dataclasses.asdict(p) for label, p in pool_plans.items()}},
         "counts": {
             "inputs": summary.inputs,
             "variants": summary.variants,
