@@ -151,9 +151,9 @@ def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], 
     if not len(repeated):
         return ManifestKeys(rows=rows, duplicates=())
     # 2. Only those skus' rows, grouped here.
-    rows = parsed().map_batches(_rows_with_hashes, fn_kwargs={"wanted": repeated}, batch_format="pyarrow", num_cpus=0.25).take_all()
+    repeats = parsed().map_batches(_rows_with_hashes, fn_kwargs={"wanted": repeated}, batch_format="pyarrow", num_cpus=0.25).take_all()
     uris: dict[str, list[str]] = {}
-    for r in rows:
+    for r in repeats:
         uris.setdefault(r["sku"], []).append(r["source_uri"])
     found = tuple(sorted((sku, min(u), len(u)) for sku, u in uris.items() if len(u) > 1))
     if found:
