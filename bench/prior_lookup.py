@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipelines import prior_index
 from pipelines.schema import VARIANT_SCHEMA
-from pipelines.state import PriorState, prior_rows_many, shard_of
+from pipelines.state import PriorState, prior_rows_many, shard_of, with_shards
 from pipelines.storage import StorageConfig, join
 
 OLD_SHARD_ROWS = 20_000  # the baseline's shard size and cache (a75ab0a)
@@ -68,7 +68,7 @@ def synthetic_rows(n: int, seed: int = 0) -> pa.Table:
 
 def build_paged(table: pa.Table, root: str, storage: StorageConfig, shards: int) -> PriorState:
     prefix = join(root, "paged")
-    keyed = table.append_column("shard", pa.array([shard_of(s, shards) for s in table["sku"].to_pylist()], pa.int32()))
+    keyed = with_shards(table, shards)
     for k in range(0, len(keyed), 65_536):
         prior_index.scatter(keyed.slice(k, 65_536), prefix, storage, f"t{k}")
     present = frozenset(s for s in range(shards) if prior_index.gather(s, prefix, storage))
@@ -77,7 +77,7 @@ def build_paged(table: pa.Table, root: str, storage: StorageConfig, shards: int)
 
 def build_whole(table: pa.Table, root: str) -> tuple[str, int]:
     shards = max(1, -(-len(table) // OLD_SHARD_ROWS))
-    keyed = table.append_column("shard", pa.array([shard_of(s, shards) for s in table["sku"].to_pylist()], pa.int32()))
+    keyed = with_shards(table, shards)
     for s in range(shards):
         part = keyed.filter(pa.compute.equal(keyed["shard"], s)).drop_columns(["shard"])
         pq.write_table(part, os.path.join(root, f"whole-{s:05d}.parquet"), compression="zstd")

@@ -22,6 +22,8 @@ catalog has more shards than a worker can keep: every row then costs a whole sha
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import functools
 import json
 import threading
 from collections import OrderedDict
@@ -112,7 +114,7 @@ _CACHED_INDEXES = 4096  # a shard's index is ~50 bytes a page
 _CACHED_PAGES = 128  # decoded Arrow pages: ~0.3 MB each
 _LOOKUP_THREADS = 8
 _lock = threading.Lock()
-_indexes: OrderedDict[str, tuple[list[str], list[int], list[int], list[int]]] = OrderedDict()
+_indexes: OrderedDict[str, _PageIndex] = OrderedDict()
 _pages: OrderedDict[tuple[str, int], _Page] = OrderedDict()
 
 
@@ -132,10 +134,25 @@ def _cache_put(cache: OrderedDict, key, value, limit: int) -> None:
             cache.popitem(last=False)
 
 
-def _load_index(prefix: str, shard: int, storage: StorageConfig):
-    entries = json.loads(read_bytes(index_uri(prefix, shard), storage))
-    value = ([e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries], [e[4] for e in entries])
-    _cache_put(_indexes, pages_uri(prefix, shard), value, _CACHED_INDEXES)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hashed by identity (a lookup's dict key)
+class _PageIndex:
+    """One shard's page index (shard-NNNNN.index.json)."""
+
+    uri: str  # the shard's .pages object
+    entries: list[list]  # [first sku, offset, length, rows, unpacked size] per page
+
+    def page_of(self, sku: str) -> int:
+        """The page whose sku range holds `sku` (pages never split a sku); -1 before the first."""
+        return bisect.bisect_right(self.firsts, sku) - 1
+
+    @functools.cached_property
+    def firsts(self) -> list[str]:
+        return [e[0] for e in self.entries]
+
+
+def _load_index(prefix: str, shard: int, storage: StorageConfig) -> _PageIndex:
+    value = _PageIndex(pages_uri(prefix, shard), json.loads(read_bytes(index_uri(prefix, shard), storage)))
+    _cache_put(_indexes, value.uri, value, _CACHED_INDEXES)
     return value
 
 
@@ -152,9 +169,10 @@ class _Page:
         return self.table.slice(lo, hi - lo).to_pylist() if hi > lo else []
 
 
-def _load_page(uri: str, page: int, offset: int, length: int, raw_size: int, storage: StorageConfig) -> _Page:
-    value = _Page(read_range(uri, storage, offset, length), raw_size)
-    _cache_put(_pages, (uri, page), value, _CACHED_PAGES)
+def _load_page(index: _PageIndex, page: int, storage: StorageConfig) -> _Page:
+    _, offset, length, _, raw_size = index.entries[page]
+    value = _Page(read_range(index.uri, storage, offset, length), raw_size)
+    _cache_put(_pages, (index.uri, page), value, _CACHED_PAGES)
     return value
 
 
@@ -167,21 +185,16 @@ def lookup(prefix: str, storage: StorageConfig, shard_skus: dict[int, list[str]]
     with ThreadPoolExecutor(max_workers=max(1, min(_LOOKUP_THREADS, len(shard_skus)))) as pool:
         for s, value in zip(missing, pool.map(lambda s: _load_index(prefix, s, storage), missing)):
             indexes[s] = value
-        # 2. The page each sku falls in (pages never split a sku).
-        wanted: dict[tuple[str, int], list[str]] = {}
-        where: dict[tuple[str, int], tuple[int, int]] = {}
+        # 2. The page each sku falls in, read unless cached.
+        wanted: dict[tuple[_PageIndex, int], list[str]] = {}
         for s, skus in shard_skus.items():
-            firsts, offsets, lengths, raw_sizes = indexes[s]
             for sku in skus:
-                page = bisect.bisect_right(firsts, sku) - 1
+                page = indexes[s].page_of(sku)
                 if page >= 0:
-                    key = (pages_uri(prefix, s), page)
-                    wanted.setdefault(key, []).append(sku)
-                    where[key] = (offsets[page], lengths[page], raw_sizes[page])
-        pages = {k: _cache_get(_pages, k) for k in wanted}
+                    wanted.setdefault((indexes[s], page), []).append(sku)
+        pages = {k: _cache_get(_pages, (k[0].uri, k[1])) for k in wanted}
         missing_pages = [k for k, v in pages.items() if v is None]
-        loaded = pool.map(lambda k: _load_page(k[0], k[1], *where[k], storage), missing_pages)
-        for k, value in zip(missing_pages, loaded):
+        for k, value in zip(missing_pages, pool.map(lambda k: _load_page(*k, storage), missing_pages)):
             pages[k] = value
     return {sku: pages[k].rows(sku) for k, skus in wanted.items() for sku in skus}
 

@@ -10,6 +10,7 @@ Finish (score, gate, encode, write the image object; drops the pixels).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -248,12 +249,10 @@ class Fetch:
     def __call__(self, table):
         _init_worker()
         rows = table.to_pylist()
-        priors = None
+        priors = None  # None: each row reads its own prior rows (and fails alone)
         if self.ctx.trust_etag and self.ctx.prior:
-            try:  # the batch's prior pages read together; on failure each row reads its own (and fails alone)
+            with contextlib.suppress(StorageError):  # the batch's prior pages, read together
                 priors = prior_rows_many(self.ctx.prior, [r["sku"] for r in rows if not r["error"] and is_s3(r["source_uri"])])
-            except StorageError:
-                priors = None
 
         def fetch(row: dict) -> None:
             row.update(source_bytes=b"", source_read=False, overlay_bytes=b"", source_sha256="", source_etag="", source_size=0, input_sha256="")

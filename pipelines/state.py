@@ -69,6 +69,11 @@ def shard_of(sku: str, n: int) -> int:
     return hash64(sku) % n
 
 
+def with_shards(table: pa.Table, n: int) -> pa.Table:
+    """`table` with an int32 `shard` column: each row's shard of `n` by its sku."""
+    return table.append_column("shard", pa.array([shard_of(s or "", n) for s in table["sku"].to_pylist()], pa.int32()))
+
+
 def attempt_dir(run_prefix: str, attempt: int) -> str:
     return join(run_prefix, JOURNAL, f"a{attempt:04d}")
 
@@ -245,7 +250,7 @@ def _scatter_files(batch: pa.Table, storage: StorageConfig, shards: int, prefix:
         t = _read_variants([uri], storage)
         tables.append(t.append_column("origin", pa.array([origin] * len(t), pa.string())))
     t = pa.concat_tables(tables)
-    t = t.append_column("shard", pa.array([shard_of(s or "", shards) for s in t["sku"].to_pylist()], pa.int32()))
+    t = with_shards(t, shards)
     task = hashlib.sha256("\n".join(uris).encode("utf-8", "surrogatepass")).hexdigest()[:24]
     prior_index.scatter(t, prefix, storage, task)
     return pa.table({"rows": pa.array([len(t)], pa.int64())})
