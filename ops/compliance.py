@@ -251,24 +251,40 @@ def _no_border(s: Subject, max_band: float, min_contrast: float, min_sides: int)
     h, w = img.shape[:2]
     if min(h, w) < 16:
         return None  # too small to carry a frame
-    # Only the bands the rule can see, as float (not the whole frame).
-    k = max(3, int(max_band * max(h, w))) + 1
     t = img.transpose(1, 0, 2)
-    strips = {"top": img[:k], "bottom": img[::-1][:k], "left": t[:k], "right": t[::-1][:k]}
+    strips = {"top": img, "bottom": img[::-1], "left": t, "right": t[::-1]}
     framed = []
     for side, strip in strips.items():
-        strip = strip.astype(np.float32)
         limit = max(3, int(max_band * (h if side in ("top", "bottom") else w)))
-        # Every line's mean colour and spread at once (a white margin walks all `limit` lines).
-        means, spread = strip.mean(axis=1), strip.std(axis=1).max(axis=1)
-        off = np.abs(means - means[0]).max(axis=1)
-        flat = (spread[:limit] < 6) & (off[:limit] < 8)
-        width = int(np.argmin(flat)) if not flat.all() else limit
-        if 2 <= width < limit and off[width] >= min_contrast:
+        width, off_at_width = _flat_band(strip, limit)
+        if 2 <= width < limit and off_at_width >= min_contrast:
             framed.append(f"{side} {width}px")
     if len(framed) >= min_sides:
         return f"the image has a border ({', '.join(framed)}); remove the frame"
     return None
+
+
+def _flat_band(strip: np.ndarray, limit: int) -> tuple[int, float]:
+    """(width, off): how many lines from the strip's edge are flat (spread < 6, mean within 8
+    of the first line's), up to `limit`, and the first non-flat line's colour distance from
+    the first line. Lines are measured a few at a time, growing, so a photo whose first lines
+    already vary (most of them) costs a few lines, not the whole band; a white margin still
+    walks to its end."""
+    first = None
+    start, step = 0, 8
+    while start < limit:
+        lines = strip[start : min(limit, start + step)].astype(np.float32)
+        means, spread = lines.mean(axis=1), lines.std(axis=1).max(axis=1)
+        if first is None:
+            first = means[0]
+        off = np.abs(means - first).max(axis=1)
+        flat = (spread < 6) & (off < 8)
+        if not flat.all():
+            k = int(np.argmin(flat))
+            return start + k, float(off[k])
+        start += len(flat)
+        step *= 2
+    return limit, 0.0
 
 
 def _ai_labelled(s: Subject) -> str | None:

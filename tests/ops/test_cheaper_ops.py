@@ -305,7 +305,8 @@ def test_border_bands_and_darkest_channel_measured_at_once_equal_the_line_by_lin
     r = render_product(1, degradation="none", size=(640, 480))
     white = np.where(r.mask[..., None] > 0, r.photo, 255).astype(np.uint8)
     images = [r.photo, white]
-    for band, colour in ((12, 0), (5, 200), (30, 90)):
+    # Widths on both sides of the lazy scan's chunk edges (8, 24, 56 lines).
+    for band, colour in ((12, 0), (5, 200), (30, 90), (8, 40), (24, 160), (57, 0)):
         framed = white.copy()
         framed[:band], framed[-band:], framed[:, :band], framed[:, -band:] = colour, colour, colour, colour
         images.append(framed)
@@ -399,17 +400,53 @@ def test_ciede2000_on_the_masked_pixels_equals_masking_the_whole_map():
 
 def test_srgb_to_lab_equals_skimage_rgb2lab_bit_for_bit():
     # Tolerance: none. The table holds skimage's own sRGB decoding of every uint8 level.
+    from skimage.color import rgb2lab
+
+    from ops.metrics import srgb_to_lab
+
+    colours = _colour_grid()[:, None, :]
+    assert np.array_equal(srgb_to_lab(colours), rgb2lab(colours))
+    assert np.array_equal(srgb_to_lab(colours.astype(np.float64) / 255), rgb2lab(colours.astype(np.float64) / 255))
+
+
+def test_float32_ciede2000_is_within_tolerance_of_skimage():
+    # Tolerance: 0.005 per pixel pair (a visible difference is ~1), 1e-5 on a mean. Pairs: every
+    # colour against a small shift (what fidelity sees), against a random colour (large hue
+    # and chroma jumps, hue wrap-around), against its own grey (chroma 0 has no hue), and real
+    # photos against a colour-shifted copy.
     from skimage.color import deltaE_ciede2000, rgb2lab
 
-    from ops.metrics import ciede2000_map, srgb_to_lab
+    from ops.metrics import ciede2000_map, mean_ciede2000
 
-    levels = np.arange(256)
-    colours = np.stack(np.meshgrid(levels, levels, levels[::3], indexing="ij"), -1).reshape(-1, 1, 3).astype(np.uint8)
-    assert np.array_equal(srgb_to_lab(colours), rgb2lab(colours))
+    rng = np.random.default_rng(0)
+    grid = _colour_grid()[::4]
+    others = {
+        "shift": np.clip(grid.astype(int) + np.array([5, -3, 8]), 0, 255).astype(np.uint8),
+        "random": rng.integers(0, 256, grid.shape).astype(np.uint8),
+        "grey": np.repeat(grid[:, :1], 3, axis=1),
+    }
+    for name, other in others.items():
+        ref = deltaE_ciede2000(rgb2lab(grid[:, None]), rgb2lab(other[:, None]))[:, 0]
+        new = ciede2000_map(grid, other)
+        assert new.shape == ref.shape, name
+        assert np.abs(new - ref).max() <= 0.005, (name, float(np.abs(new - ref).max()))
+        assert abs(float(new.mean()) - float(ref.mean())) <= 1e-5, name
     for photo in _real_photos(2) or [render_product(0, degradation="color_cast", size=(320, 280)).photo]:
-        other = np.clip(photo.astype(int) + np.array([5, -3, 8]), 0, 255).astype(np.uint8)
-        assert np.array_equal(ciede2000_map(photo, other), deltaE_ciede2000(rgb2lab(photo), rgb2lab(other)))
-    assert np.array_equal(srgb_to_lab(colours.astype(np.float64) / 255), rgb2lab(colours.astype(np.float64) / 255))
+        other = np.clip(photo.astype(int) * np.array([1.04, 0.97, 1.0]) + 3, 0, 255).astype(np.uint8)
+        ref = deltaE_ciede2000(rgb2lab(photo), rgb2lab(other))
+        new = ciede2000_map(photo, other)
+        assert new.shape == photo.shape[:2]
+        assert np.abs(new - ref).max() <= 0.005
+        inside = np.zeros(photo.shape[:2], bool)
+        inside[::3] = True
+        assert mean_ciede2000(photo, other, inside) == pytest.approx(float(ref[inside].mean()), abs=1e-5)
+        assert mean_ciede2000(photo, other, inside) > 1.0
+
+
+def _colour_grid() -> np.ndarray:
+    """N x 3 uint8: every R and G level with every third B level (5.6M colours)."""
+    levels = np.arange(256)
+    return np.stack(np.meshgrid(levels, levels, levels[::3], indexing="ij"), -1).reshape(-1, 3).astype(np.uint8)
 
 
 def _real_photos(n: int) -> list[np.ndarray]:
