@@ -60,13 +60,17 @@ _LINEAR_TO_XYZN = (xyz_from_rgb / _XYZ_WHITE[:, None]).T.astype(np.float32)
 _25_POW_7 = np.float32(25.0**7)
 _TWO_PI = np.float32(2 * np.pi)
 _PI = np.float32(np.pi)
+# T(H)'s phase shifts (30, 6 and 63 degrees) as cosine and sine.
+_COS30, _SIN30 = np.float32(np.cos(np.deg2rad(30))), np.float32(np.sin(np.deg2rad(30)))
+_COS6, _SIN6 = np.float32(np.cos(np.deg2rad(6))), np.float32(np.sin(np.deg2rad(6)))
+_COS63, _SIN63 = np.float32(np.cos(np.deg2rad(63))), np.float32(np.sin(np.deg2rad(63)))
 
 
 def _lab_u8(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """L, a, b (float32) of N x 3 uint8 sRGB, as skimage's rgb2lab computes them."""
     # cv2.transform is the 3x3 product per pixel, SIMD (numpy's matmul with an inner size of 3 is ~4x slower).
     xyz = cv2.transform(_SRGB_LINEAR32[rgb].reshape(-1, 1, 3), _LINEAR_TO_XYZN.T).reshape(-1, 3)
-    # Cube root as exp(log/3): float32-exact here and ~3x cheaper than np.cbrt.
+    # Cube root as exp(log/3): the same to float32 rounding, and ~3x cheaper than np.cbrt.
     f = np.exp(np.log(np.maximum(xyz, np.float32(1e-30))) * np.float32(1 / 3))
     low = xyz <= 0.008856
     if low.any():
@@ -131,10 +135,6 @@ def _ciede2000_u8(rgb1: np.ndarray, rgb2: np.ndarray) -> np.ndarray:
     R_term = -np.sin(2 * dtheta) * Rc * C_term * H_term
     return np.sqrt(np.maximum(L_term**2 + C_term**2 + H_term**2 + R_term, 0))
 
-
-_COS30, _SIN30 = np.float32(np.cos(np.deg2rad(30))), np.float32(np.sin(np.deg2rad(30)))
-_COS6, _SIN6 = np.float32(np.cos(np.deg2rad(6))), np.float32(np.sin(np.deg2rad(6)))
-_COS63, _SIN63 = np.float32(np.cos(np.deg2rad(63))), np.float32(np.sin(np.deg2rad(63)))
 
 
 def mean_ciede2000(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
