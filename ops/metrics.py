@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 from skimage import img_as_float
-from skimage.color import deltaE_ciede2000, rgb2lab, xyz2lab
+from skimage.color import deltaE_ciede2000, rgb2lab, xyz2lab, xyz_tristimulus_values
 from skimage.color.colorconv import xyz_from_rgb
 from skimage.metrics import structural_similarity
 
@@ -54,8 +54,9 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 
 
 _SRGB_LINEAR32 = _SRGB_LINEAR.astype(np.float32)
-# sRGB linear -> XYZ already divided by skimage's D65 white, so Lab's f() applies directly.
-_XYZ_WHITE = np.array([0.95047, 1.0, 1.08883])
+# sRGB linear -> XYZ already divided by the white rgb2lab uses (D65, 2 degrees), so Lab's f()
+# applies directly.
+_XYZ_WHITE = xyz_tristimulus_values(illuminant="D65", observer="2")
 _LINEAR_TO_XYZN = (xyz_from_rgb / _XYZ_WHITE[:, None]).T.astype(np.float32)
 _25_POW_7 = np.float32(25.0**7)
 _TWO_PI = np.float32(2 * np.pi)
