@@ -136,10 +136,8 @@ class Compose(Op):
         else:
             out = np.empty((ch, cw, 3), np.uint8)
             out[:] = c.background
-            under = np.empty((ye - y, xe - x, 3), np.float32)
-            under[:] = c.background
-        a = a_local.astype(np.float32)[..., None] * (1.0 / 255.0)
-        out[y:ye, x:xe] = np.clip(under * (1 - a) + product.astype(np.float32) * a + 0.5, 0, 255).astype(np.uint8)
+            under = np.asarray(c.background, np.float32)
+        paste_over(out[y:ye, x:xe], product, a_local, under)
         return item.moved(out, alpha, step)
 
     def _canvas(self, size: int) -> tuple[int, int]:
@@ -158,6 +156,26 @@ class Compose(Op):
         k_x, k_y = big.shape[1] / crop.image.shape[1], big.shape[0] / crop.image.shape[0]
         mask = cv2.resize(crop.mask, (big.shape[1], big.shape[0]), interpolation=cv2.INTER_LINEAR)
         return crop.moved(big, mask, scale_step(k_x, k_y))
+
+
+def paste_over(box: np.ndarray, product: np.ndarray, alpha: np.ndarray, under: np.ndarray) -> None:
+    """`box` (uint8, holding the background already) becomes `product` over it through `alpha`:
+    round(under * (1 - a) + product * a) in float32, with `under` the background before
+    rounding (H x W x 3, or one colour). Only the matte's soft band needs that arithmetic:
+    where alpha is 255 it gives the product's pixel and where 0 the background's, so those are
+    copied. The same values as blending every pixel (tests/ops/test_cheaper_ops.py), at ~1/5
+    of the cost on a packshot, whose soft band is a thin ring."""
+    # OpenCV writes into `box` itself (a view of the canvas): a masked copy and a point list
+    # are ~20x cheaper than numpy's where= and nonzero on a 1600 px canvas.
+    if cv2.copyTo(product, (alpha == 255).view(np.uint8), box) is not box:
+        raise RuntimeError("cv2.copyTo did not write into the canvas view")  # never seen; a silent blank product otherwise
+    soft = cv2.findNonZero(cv2.inRange(alpha, 1, 254))
+    if soft is None:
+        return
+    xs, ys = soft[:, 0, 0], soft[:, 0, 1]
+    a = alpha[ys, xs].astype(np.float32)[:, None] * (1.0 / 255.0)
+    u = under[ys, xs] if under.ndim == 3 else under
+    box[ys, xs] = np.clip(u * (1 - a) + product[ys, xs].astype(np.float32) * a + 0.5, 0, 255).astype(np.uint8)
 
 
 def _contact_shadow(alpha: np.ndarray, softness: float) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import cv2
@@ -127,18 +128,29 @@ class SharpenConfig(OpConfig):
 @register
 class Sharpen(Op):
     name = "sharpen"
-    version = "1"
+    version = "2"  # 2: 8-bit arithmetic (a whole-level blur; outputs within one level of version 1)
     Config = SharpenConfig
 
     def apply(self, item: Item) -> Item:
         c = self.config
-        img = item.image.astype(np.float32)
-        # OpenCV's arithmetic and in-place numpy: the same float32 values as
-        # `img + amount * where(|detail| < threshold, 0, detail)`, without five temporaries.
-        detail = cv2.subtract(img, cv2.GaussianBlur(img, (0, 0), c.radius))
-        if c.threshold:
-            np.multiply(detail, np.abs(detail) >= c.threshold, out=detail)
-        out = cv2.scaleAdd(detail, c.amount, img)
-        out += 0.5
-        np.clip(out, 0, 255, out=out)
-        return item.with_image(out.astype(np.uint8))
+        # Unsharp masking in 8 bits: the detail layer split by sign (saturating subtracts), each
+        # half scaled, rounded and thresholded by one lookup table, added back with saturation.
+        # The same as version 1's float32 `round(img + amount * where(|d| < threshold, 0, d))`
+        # but for the blur, which OpenCV rounds to whole levels: outputs move by at most one
+        # level at the recipes' amounts (tests/ops/test_cheaper_ops.py), at ~1/3 of the cost.
+        img = item.image
+        blur = cv2.GaussianBlur(img, (0, 0), c.radius)
+        up, down = _detail_luts(c.amount, c.threshold)
+        out = cv2.add(img, cv2.LUT(cv2.subtract(img, blur), up))
+        return item.with_image(cv2.subtract(out, cv2.LUT(cv2.subtract(blur, img), down), dst=out))
+
+
+@functools.lru_cache(maxsize=16)
+def _detail_luts(amount: float, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a detail of d levels adds (brighter side) and takes away (darker side): amount x d,
+    rounded half up as img + amount * d + 0.5 truncates, zero under the threshold."""
+    d = np.arange(256, dtype=np.float64)
+    keep = d >= threshold
+    up = np.where(keep, np.minimum(255, np.floor(amount * d + 0.5)), 0).astype(np.uint8)
+    down = np.where(keep, np.minimum(255, np.ceil(amount * d - 0.5)), 0).astype(np.uint8)
+    return up, down

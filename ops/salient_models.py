@@ -9,7 +9,8 @@ does not say it.
 Inference is batched: an image's flipped and rescaled copies go through the graph together, and
 on CUDA several images' too. Graphs exported with a fixed 1x3xHxW input are made dynamic at load time
 (batch always; height and width for the fully convolutional U²-Net family), so one session
-serves every pass. On a GPU worker the session uses CUDA when onnxruntime-gpu is installed.
+serves every pass. Where the graph runs (onnxruntime on CPU; onnxruntime-gpu or torch on a GPU
+worker) is ops/salient_runtime.py's choice.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import cv2
 import numpy as np
 
 from ops.models import BUILTIN_MODELS, ModelError, is_builtin
+from ops.salient_runtime import Backend, open_runner
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +90,16 @@ class Pass:
 
 
 class SalientModel:
-    """An onnxruntime session over one salient-object model, predicting foreground
-    probabilities for many (image, pass) pairs in batched calls."""
+    """One salient-object model, predicting foreground probabilities for many (image, pass)
+    pairs in batched calls."""
 
-    def __init__(self, path: Path, model_type: str, *, device: str = "cpu", max_batch: int = 8):
+    def __init__(self, path: Path, model_type: str, *, device: str = "cpu", max_batch: int = 8, backend: Backend = "auto", precision: str = "auto"):
         self.spec = SPECS[model_type]
         self.model_type = model_type
         self.max_batch = max_batch
-        self._session, self._input, self._dynamic_size = _load_session(Path(path), self.spec, device)
-        self.device = "cuda" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu"
+        self._runner = open_runner(Path(path), any_size=self.spec.any_size, device=device, backend=backend, precision=precision)
+        self._dynamic_size = self.spec.any_size
+        self.device = self._runner.device
         self._lock = threading.Lock()  # one run at a time per session (actors may use threads)
 
     def sizes_for(self, scales: tuple[float, ...]) -> tuple[int, ...]:
@@ -138,14 +141,13 @@ class SalientModel:
             return np.concatenate([self._run(x[k : k + 1]) for k in range(len(x))])
         try:
             with self._lock:
-                y = self._session.run(None, {self._input: x})[0]
+                y = self._runner.run(x)
         except Exception:  # noqa: BLE001 - retried one by one; a real failure raises there
             if len(x) == 1:
                 raise
             log.info("salient model rejects batches of %d; running one image per call", len(x))
             self.max_batch = 1
             return self._run(x)
-        y = np.asarray(y, np.float32)
         return y.reshape(len(x), -1, y.shape[-2], y.shape[-1])[:, 0]
 
     def _prepare(self, image: np.ndarray, size: int, flip: bool) -> np.ndarray:
@@ -164,40 +166,3 @@ class SalientModel:
 def _minmax(prob: np.ndarray) -> np.ndarray:
     lo, hi = float(prob.min()), float(prob.max())
     return (prob - lo) / (hi - lo) if hi - lo > 1e-6 else np.zeros_like(prob)
-
-
-def _load_session(path: Path, spec: SalientModelSpec, device: str):
-    """(session, input name, whether height/width may change). The graph's input and outputs
-    get symbolic dims (batch always; H and W for any-size families) before the session is made."""
-    import onnx
-    import onnxruntime as ort
-
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
-        raise ModelError(f"model {str(path)!r} is not a readable ONNX file ({exc}); check the file or re-export it") from None
-    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
-        raise ModelError(f"model {str(path)!r}: expected one image input of shape N x 3 x H x W, found {[i.name for i in inputs]}")
-    for tensor in [inputs[0], *model.graph.output]:
-        dims = tensor.type.tensor_type.shape.dim
-        names = ["batch", None, "height", "width"] if spec.any_size else ["batch", None, None, None]
-        for k, name in enumerate(names[: len(dims)]):
-            if name:
-                dims[k].dim_param = name
-    opts = ort.SessionOptions()
-    # Ray gives each CPU task one core; onnxruntime's own pool would oversubscribe it.
-    opts.intra_op_num_threads = 1 if device == "cpu" else 0
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        else:
-            log.warning("remove_background on a GPU worker, but onnxruntime has no CUDA provider (install onnxruntime-gpu); running on the CPU")
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"model {str(path)!r}: onnxruntime cannot load it ({exc}); check the export's opset") from None
-    return session, inputs[0].name, spec.any_size

@@ -60,9 +60,9 @@ def test_gpu_op_on_a_cluster_without_gpus_fails_before_work(ray_session, tmp_pat
 
 def test_segmentation_on_a_gpu_pool_batches_and_matches_the_cpu_cutout(ray_session, tmp_path):
     """remove_background declared on GPUs runs on its own actor pool, several rows per op call
-    (onnxruntime uses CUDA where onnxruntime-gpu is installed, batching rows together; these
-    logical GPUs have none, so the same session runs on the CPU) and gives the CPU path's matte
-    and confidence."""
+    (on a real GPU: onnxruntime-gpu where installed, else the graph on torch, batching rows
+    together; these logical GPUs have no CUDA, so it runs on the CPU) and gives the CPU path's
+    matte and confidence."""
 
     def cutout(name, gpus):
         step = {"op": "remove_background"}

@@ -20,6 +20,19 @@ def test_builtin_recipes_load_and_examples_are_the_same_files():
         assert load_recipe(str(example)).hash == load_recipe(name).hash
 
 
+def test_the_gpu_segmentation_example_is_marketplace_main_with_a_pool_for_the_mask():
+    from pathlib import Path
+
+    from pipelines.plan import pool_stages
+
+    recipe = load_recipe(str(Path(__file__).resolve().parents[2] / "examples" / "recipes" / "marketplace-main-gpu.yaml"))
+    # Same identity as the built-in: moving segmentation to GPUs reuses last night's variants.
+    assert recipe.hash == load_recipe("marketplace-main").hash
+    ((label, steps),) = pool_stages([recipe])
+    assert label.startswith("pool:remove_background") and [s.op.name for s in steps] == ["remove_background"]
+    assert steps[0].op.resources.gpus == 0.25 and steps[0].spec.batch_size == 32
+
+
 def test_generative_example_plans_one_gpu_pool_for_ops_and_one_for_scores():
     from pathlib import Path
 
