@@ -62,7 +62,7 @@ class RemoveBackgroundConfig(OpConfig):
 @register
 class RemoveBackground(Op):
     name = "remove_background"
-    version = "3"
+    version = "4"  # 4: the matte's guided filter fitted at a subsampled size (fast guided filter)
     Config = RemoveBackgroundConfig
     model_fields = ("model",)
 

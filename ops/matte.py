@@ -89,12 +89,43 @@ def drop_islands(prob: np.ndarray, min_island: float, threshold: float = 0.5) ->
 def to_matte(prob: np.ndarray, image: np.ndarray, *, refine_radius: int, ramp: float, threshold: float = 0.5) -> np.ndarray:
     """The model-frame probability map as a uint8 alpha matte at `image`'s size."""
     h, w = image.shape[:2]
-    full = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-    if refine_radius:
-        # Radius in photo pixels grows with the upsampling, so the filter spans the model's blur.
-        r = max(1, int(round(refine_radius * max(h, w) / max(prob.shape))))
-        guide = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) * (1.0 / 255.0)
-        full = cv2.ximgproc.guidedFilter(guide, full, r, 1e-3)
-    if ramp > 0:
-        full = (full - threshold) / ramp + 0.5
-    return np.clip(full * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # The ramp and the 8-bit rounding fold into one affine map of the filtered probability.
+    gain, offset = (1.0 / ramp, 0.5 - threshold / ramp) if ramp > 0 else (1.0, 0.0)
+    gain, offset = 255.0 * gain, 255.0 * offset + 0.5
+    if not refine_radius:
+        full = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+        return np.clip(full * gain + offset, 0, 255).astype(np.uint8)
+    # Radius in photo pixels grows with the upsampling, so the filter spans the model's blur.
+    r = max(1, int(round(refine_radius * max(h, w) / max(prob.shape))))
+    return fast_guided_matte(prob, cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), r, 1e-3, gain, offset)
+
+
+def fast_guided_matte(prob: np.ndarray, grey: np.ndarray, radius: int, eps: float, gain: float, offset: float) -> np.ndarray:
+    """uint8 of `gain * guided_filter(grey, prob upsampled, radius, eps) + offset`, the filter's
+    coefficients computed at a subsampled size (He & Sun's fast guided filter, 2015).
+
+    The guided filter's output is a * grey + b with a and b box-averaged, so smooth: they are
+    fitted on a copy subsampled to ~4 pixels per radius and only they are upsampled; the edge
+    itself comes from the full-size guide. On a 1600 px photo that is ~1/6 of the full-size
+    filter's cost. Against it on real photos: alpha within ~2 levels on average in the soft
+    band and the same hard mask to IoU 0.999 (tests/ops/test_cheaper_ops.py)."""
+    h, w = grey.shape
+    sub = max(1.0, radius / 4.0)
+    sw, sh = max(1, round(w / sub)), max(1, round(h / sub))
+    r = max(1, round(radius / sub))
+    guide = cv2.resize(grey, (sw, sh), interpolation=cv2.INTER_AREA).astype(np.float32) * (1.0 / 255.0)
+    p = cv2.resize(prob, (sw, sh), interpolation=cv2.INTER_AREA if prob.shape[0] > sh else cv2.INTER_LINEAR)
+    box = (2 * r + 1, 2 * r + 1)
+    mean_i, mean_p = cv2.blur(guide, box), cv2.blur(p, box)
+    cov_ip = cv2.blur(guide * p, box) - mean_i * mean_p
+    var_i = cv2.blur(guide * guide, box) - mean_i * mean_i
+    a = cov_ip / (var_i + eps)
+    b = mean_p - a * mean_i
+    # Folded: the guide stays 8-bit (the 1/255 goes into a), the ramp and rounding into both.
+    a = cv2.blur(a, box) * (gain / 255.0)
+    b = cv2.blur(b, box) * gain + offset
+    a_full = cv2.resize(a, (w, h), interpolation=cv2.INTER_LINEAR)
+    out = cv2.resize(b, (w, h), interpolation=cv2.INTER_LINEAR)
+    out += a_full * grey
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
