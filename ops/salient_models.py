@@ -121,9 +121,18 @@ class SalientModel:
             for j, p in enumerate(passes):
                 by_size.setdefault((p.size, 0 if self.device == "cuda" else i), []).append((i, j))
         for (size, _), group in by_size.items():
+            # An image's mirrored pass at a size is its unmirrored input reversed: one resize
+            # of the full photo per size, not per pass (the same values; a third of a GPU
+            # worker's host time went to these resizes).
+            last: tuple[int, np.ndarray] | None = None
             for start in range(0, len(group), self.max_batch):
                 chunk = group[start : start + self.max_batch]
-                x = np.stack([self._prepare(images[i], size, passes[j].flip) for i, j in chunk])
+                inputs = []
+                for i, j in chunk:
+                    if last is None or last[0] != i:
+                        last = (i, self._prepare(images[i], size, False))
+                    inputs.append(last[1][:, :, ::-1] if passes[j].flip else last[1])
+                x = np.stack(inputs)
                 for (i, j), prob in zip(chunk, self._run(x)):
                     if self.spec.logits:
                         prob = 1.0 / (1.0 + np.exp(-prob))

@@ -429,6 +429,26 @@ def test_compose_pastes_only_the_soft_band_with_the_blends_exact_values(under):
     assert (canvas[:10] == 9).all() and (canvas[:, :15] == 9).all()  # nothing outside the box
 
 
+def test_mirrored_passes_reuse_the_resized_photo_with_the_same_inputs():
+    # Tolerance: none. Each size is resized from the full photo once; its mirrored pass feeds
+    # the model that input reversed, which is what resizing the photo again and mirroring gave.
+    from ops.models import builtin_path
+    from ops.salient_models import Pass, SalientModel
+
+    model = SalientModel(builtin_path("builtin:u2netp")[0], "u2netp")
+    fed, resized = [], []
+    run, prepare = model._run, model._prepare
+    model._run = lambda x: fed.append(x.copy()) or run(x)
+    model._prepare = lambda image, size, flip: resized.append(size) or prepare(image, size, flip)
+    images = [render_product(s, background="cluttered", degradation="none", size=(500, 420)).photo for s in range(2)] + _real_photos(1)
+    passes = [Pass(256), Pass(256, flip=True), Pass(320), Pass(320, flip=True)]
+    model.predict(images, passes, 320)
+    assert sorted(resized) == sorted([256, 320] * len(images))  # once per image and size
+    want = [prepare(im, p.size, p.flip) for im in images for p in passes]  # the CPU groups by image, then size
+    got = [x for batch in fed for x in batch]
+    assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
 def _matte_v3(prob: np.ndarray, image: np.ndarray, refine_radius: int, ramp: float, threshold: float) -> np.ndarray:
     """remove_background version 3's matte: the map upsampled to the photo, then OpenCV's
     full-size guided filter, then the ramp."""
