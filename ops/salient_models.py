@@ -115,7 +115,8 @@ class SalientModel:
         results: list[list[np.ndarray | None]] = [[None] * len(passes) for _ in images]
         # Which passes share a call. On the CPU only one image's own passes do, so an image's
         # matte never depends on which rows shared its batch (reruns reproduce images bit for
-        # bit); on CUDA the throughput of cross-image batches is worth a +-2/255 wobble.
+        # bit); on CUDA cross-image batches are worth their throughput (in fp32 an H200's maps
+        # were within 3e-5 of the CPU path's, docs/benchmarks.md).
         by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i in range(len(images)):
             for j, p in enumerate(passes):
