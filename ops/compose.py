@@ -163,8 +163,8 @@ def paste_over(box: np.ndarray, product: np.ndarray, alpha: np.ndarray, under: n
     round(under * (1 - a) + product * a) in float32, with `under` the background before
     rounding (H x W x 3, or one colour). Only the matte's soft band needs that arithmetic:
     where alpha is 255 it gives the product's pixel and where 0 the background's, so those are
-    copied. The same values as blending every pixel (tests/ops/test_cheaper_ops.py), at ~1/5
-    of the cost on a packshot, whose soft band is a thin ring."""
+    copied. The same values as blending every pixel (tests/ops/test_cheaper_ops.py); compose
+    on real photos went from 159 to 80 ms, the soft band being a thin ring."""
     # OpenCV writes into `box` itself (a view of the canvas): a masked copy and a point list
     # are ~20x cheaper than numpy's where= and nonzero on a 1600 px canvas.
     if cv2.copyTo(product, (alpha == 255).view(np.uint8), box) is not box:

@@ -106,9 +106,10 @@ def fast_guided_matte(prob: np.ndarray, grey: np.ndarray, radius: int, eps: floa
 
     The guided filter's output is a * grey + b with a and b box-averaged, so smooth: they are
     fitted on a copy subsampled to ~4 pixels per radius and only they are upsampled; the edge
-    itself comes from the full-size guide. On a 1600 px photo that is ~1/6 of the full-size
-    filter's cost. Against it on real photos: alpha within ~2 levels on average in the soft
-    band and the same hard mask to IoU 0.999 (tests/ops/test_cheaper_ops.py)."""
+    itself comes from the full-size guide. On 1280-2048 px photos the matte costs ~1/4 of the
+    full-size filter's. Against it on real photos: the soft band within 2-12 levels on
+    average, the hard mask to IoU >= 0.998, and on ../shared/segmentation the same IoU against
+    human masks (tests/ops/test_cheaper_ops.py, docs/benchmarks.md)."""
     h, w = grey.shape
     sub = max(1.0, radius / 4.0)
     sw, sh = max(1, round(w / sub)), max(1, round(h / sub))

@@ -8,7 +8,7 @@ convolutional families), and then
 - on GPU workers it runs in onnxruntime's CUDA provider when onnxruntime-gpu is installed,
   else as a torch module on the GPU: the torch that the diffusion ops already use, so a GPU
   image needs no second CUDA runtime. It runs in true fp32 there (no TF32, no half precision):
-  on 49 real photos an H200 ran it ~55x faster per photo than one CPU thread, bound by the
+  on 49 real photos an H200 ran it ~50x faster per photo than one CPU thread, bound by the
   host, not the GPU, so lower precision bought nothing, while TF32 moved probabilities by up to
   0.12 (hard-mask IoU down to 0.97 against the CPU path) and fp16 / bf16 by 0.2 / 0.7, enough
   to flip a photo across the confidence gate (docs/benchmarks.md, "GPU segmentation").

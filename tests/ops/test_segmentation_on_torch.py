@@ -54,9 +54,11 @@ def test_families_batch_on_torch_as_on_onnxruntime(family, tmp_path):
     path = save_tiny_salient_onnx(tmp_path / f"{family}.onnx", family)
     renders = [render_product(s, background="plain", degradation="none", size=(200, 240)) for s in range(3)]
     images = [np.where(r.mask[..., None] > 0, r.clean, 255).astype(np.uint8) for r in renders]  # on white
-    passes = [Pass(SalientModel(path, family).sizes_for((1.0,))[0]), Pass(SalientModel(path, family).sizes_for((1.0,))[0], flip=True)]
+    onnxruntime = SalientModel(path, family, max_batch=4)
+    side = onnxruntime.sizes_for((1.0,))[0]
+    passes = [Pass(side), Pass(side, flip=True)]
     got = SalientModel(path, family, backend="torch", max_batch=4).predict(images, passes, 160)
-    want = SalientModel(path, family, max_batch=4).predict(images, passes, 160)
+    want = onnxruntime.predict(images, passes, 160)
     for g, w in zip(got, want):
         for pg, pw in zip(g, w):
             assert pg.shape == pw.shape == (160, 160)
