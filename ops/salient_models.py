@@ -98,14 +98,13 @@ class SalientModel:
         self.model_type = model_type
         self.max_batch = max_batch
         self._runner = open_runner(Path(path), any_size=self.spec.any_size, device=device, backend=backend, precision=precision)
-        self._dynamic_size = self.spec.any_size
         self.device = self._runner.device
         self._lock = threading.Lock()  # one run at a time per session (actors may use threads)
 
     def sizes_for(self, scales: tuple[float, ...]) -> tuple[int, ...]:
         """Input sides for the recipe's scales: multiples of 32 around the trained size; a graph
         that cannot change size runs at its trained size only."""
-        if not self._dynamic_size:
+        if not self.spec.any_size:
             return (self.spec.size,)
         return tuple(dict.fromkeys(max(64, int(round(self.spec.size * s / 32)) * 32) for s in scales))
 
