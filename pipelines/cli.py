@@ -90,7 +90,7 @@ def run(
     ),
     max_source_mb: float = typer.Option(DEFAULT_MAX_SOURCE_MB, min=0.001, help="refuse sources larger than this (checked by HEAD/stat before reading)"),
     source_timeout: float = typer.Option(DEFAULT_SOURCE_TIMEOUT_S, min=0.1, help="seconds one source may take to arrive, retries included"),
-    part_rows: int = typer.Option(8192, min=256, help="rows per committed Parquet part file: larger files suit table readers, smaller ones lower the commit's object-store peak (~2 KB a row)"),
+    part_rows: int = typer.Option(8192, min=256, help="about this many rows per committed Parquet part file (whole journal files): larger files suit table readers, smaller ones lower each commit task's memory (~2 KB a row)"),
     config: Path = typer.Option(None, "--config", help="YAML file of run options (source_prefix: [...], max_source_mb: 20, ...); flags given on the command line win"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):

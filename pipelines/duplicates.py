@@ -105,7 +105,7 @@ def flag_duplicates(rows, n_rows: int | None = None):
         shared = hashes.map_batches(_by_band_bucket, batch_format="pyarrow").groupby("bucket").map_groups(_shared_in_group, batch_format="pyarrow").materialize()
         log.info("near-duplicates: %d repeated variants, %d (sku, other sku) pairs sharing a source photo", repeats.count(), shared.count())
         flags = {"repeats": repeats.to_arrow_refs(), "shared": shared.to_arrow_refs()}
-        return rows.map_batches(_flag_from_blocks, fn_kwargs=flags, batch_format="pyarrow")
+        return rows.map_batches(_flag_from_blocks, fn_kwargs=flags, batch_format="pyarrow", batch_size=None)
     meta = [r for b in hashes.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
     repeats_found = variant_repeats(meta)
     shared_found: dict[str, set[str]] = defaultdict(set)
@@ -113,7 +113,7 @@ def flag_duplicates(rows, n_rows: int | None = None):
         shared_found[sku].update(others)
     if repeats_found or shared_found:
         log.info("near-duplicates: %d repeated variants, %d skus sharing a source photo", len(repeats_found), len(shared_found))
-    return rows.map_batches(_Flag(repeats_found, {k: sorted(v)[:SHARED_LIST_MAX] for k, v in shared_found.items()}), batch_format="pyarrow")
+    return rows.map_batches(_Flag(repeats_found, {k: sorted(v)[:SHARED_LIST_MAX] for k, v in shared_found.items()}), batch_format="pyarrow", batch_size=None)
 
 
 def _variant_hashes(table: pa.Table) -> pa.Table:

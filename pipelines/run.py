@@ -200,7 +200,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     #    driver keeps none of them (bench/catalog_scale.py measures what it does hold): the passes after this
     #    read the rows back from the journal.
     produced = execute(build_dataset(ctx, cfg.manifest, columns, catalog_plan))
-    rows = run_gate_retries(ctx, cfg.manifest, columns, plan)
+    rows = run_gate_retries(ctx, cfg.manifest, columns, plan, rows_per_block=cfg.part_rows)
     rows, folded = dedupe_repeated_rows(rows, duplicates)
     rows = flag_duplicates(rows, n_rows=produced)
     t_exec = time.perf_counter() - t0
@@ -216,7 +216,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
 
     # 5. Commit: tables into cleared prefixes, then _run.json, then move _latest.
     check_sole_driver(run_id, run_prefix, attempt, storage)
-    write_tables(rows, run_prefix, storage, part_rows=cfg.part_rows)
+    write_tables(rows, run_prefix, storage)
     summary.wall_s = time.perf_counter() - t0
     record = {
         "run_id": run_id,
@@ -296,7 +296,7 @@ def execute(ds) -> int:
     return sum(int(b["rows"].sum()) for b in ds.map_batches(count, batch_format="pyarrow", batch_size=None).iter_batches(batch_size=None, batch_format="numpy"))
 
 
-def run_gate_retries(ctx: RunContext, manifest: str, columns: list[str], plan):
+def run_gate_retries(ctx: RunContext, manifest: str, columns: list[str], plan, rows_per_block: int = ROWS_PER_FILE):
     """Regenerate variants that failed their gate, with the next attempt's seed, until they
     pass or reach their recipe's max_attempts: one more pass over the plan per attempt, for
     just those (sku, recipe, variant)s. Returns every pass's rows together, as read back
@@ -304,7 +304,7 @@ def run_gate_retries(ctx: RunContext, manifest: str, columns: list[str], plan):
     recipes = ctx.recipes()
     seen: set[tuple[str, str, int, int]] = set()
     while True:
-        rows = journal_rows(ctx.run_prefix, ctx.attempt, ctx.storage)
+        rows = journal_rows(ctx.run_prefix, ctx.attempt, ctx.storage, rows_per_block)
         todo = [t for t in retry_set(rows, recipes) if t not in seen]
         if not todo:
             return rows

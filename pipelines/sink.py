@@ -22,10 +22,10 @@ from pipelines.storage import StorageConfig, delete_objects, join, list_objects,
 log = logging.getLogger(__name__)
 
 TABLES = (("variant", "variants", VARIANT_SCHEMA), ("error", "errors", ERROR_SCHEMA))
-# Rows per part file (default of `RunConfig.part_rows`, `--part-rows`). The writer bundles this
-# many rows in the object store before a task writes them, so it bounds the commit's
-# object-store peak (~2 KB a row in flight): 8192 rows is ~16 MB per writer task and a few-MB
-# zstd file. Larger files suit table readers; smaller ones lower the peak.
+# Rows per part file (default of `RunConfig.part_rows`, `--part-rows`): the journal is read
+# back in blocks of about this many rows (whole journal files), and each block is written as
+# one part file by the task that read it, so the rows never wait in the object store (8192 rows
+# is ~16 MB of a worker's heap and a few-MB zstd file).
 ROWS_PER_FILE = 8192
 
 
@@ -53,14 +53,20 @@ def _key_columns(kind: str) -> tuple[str, ...]:
     return ("sku", "recipe", "variant", "output_uri") if kind == "variant" else ("sku", "recipe", "variant", "message")
 
 
-def write_tables(rows, run_prefix: str, storage: StorageConfig, part_rows: int = ROWS_PER_FILE) -> int:
+def write_tables(rows, run_prefix: str, storage: StorageConfig) -> int:
     """Clear RUN/variants and RUN/errors, then write the rows; returns rows written."""
     stale = [u for sub in ("variants", "errors") for u in list_objects(join(run_prefix, sub), storage)]
     if stale:
         log.info("clearing %d part files left by an interrupted commit", len(stale))
         delete_objects(stale, storage)
-    out = rows.map_batches(WriteTables(run_prefix, storage), batch_format="pyarrow", batch_size=part_rows, num_cpus=0.5)
-    return sum(r["rows"] for r in out.take_all())
+    return sum(r["rows"] for r in written_parts(rows, run_prefix, storage).take_all())
+
+
+def written_parts(rows, run_prefix: str, storage: StorageConfig):
+    """The lazy commit: one part file per block and table, a row count per block back. Whole
+    blocks and default resources, so Ray Data fuses it with the journal read and the flags
+    before it (tests/pipelines/test_commit_fusion.py)."""
+    return rows.map_batches(WriteTables(run_prefix, storage), batch_format="pyarrow", batch_size=None)
 
 
 def dedupe_repeated_rows(rows, duplicates: tuple[tuple[str, str, int], ...]):
@@ -78,7 +84,7 @@ def dedupe_repeated_rows(rows, duplicates: tuple[tuple[str, str, int], ...]):
         mask = pc.fill_null(pc.is_in(table["sku"], value_set=wanted), False)
         return table.filter(mask if keep else pc.invert(mask))
 
-    dup_rows = rows.map_batches(pick, fn_kwargs={"keep": True}, batch_format="pyarrow").take_all()
+    dup_rows = rows.map_batches(pick, fn_kwargs={"keep": True}, batch_format="pyarrow", batch_size=None).take_all()
     if not dup_rows:
         return rows, 0
     seen: dict[tuple, dict] = {}
@@ -86,6 +92,6 @@ def dedupe_repeated_rows(rows, duplicates: tuple[tuple[str, str, int], ...]):
         key = (r["kind"], r["sku"], r["source_uri"], r["recipe"], r["variant"], r["attempt"], r["stage"], r["message"])
         seen.setdefault(key, r)
     folded = len(dup_rows) - len(seen)
-    rest = rows.map_batches(pick, fn_kwargs={"keep": False}, batch_format="pyarrow")
+    rest = rows.map_batches(pick, fn_kwargs={"keep": False}, batch_format="pyarrow", batch_size=None)
     kept = pa.Table.from_pylist(list(seen.values()), schema=OUTPUT_SCHEMA)
     return rest.union(ray.data.from_arrow(kept)), folded

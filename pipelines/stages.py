@@ -35,7 +35,7 @@ from pipelines.manifest import normalise_row
 from pipelines.model_store import ModelStore
 from pipelines.recipes import Recipe, load_recipe
 from pipelines.schema import FETCHED_SCHEMA, OUTPUT_SCHEMA, PARSED_SCHEMA
-from pipelines.state import PriorState, attempt_dir, carried_row, input_sha256, prior_rows, prior_rows_many, state_key
+from pipelines.state import PriorState, attempt_dir, carried_row, journal_file_name, input_sha256, prior_rows, prior_rows_many, state_key
 from pipelines.sources import SourcePolicy
 from pipelines.storage import StorageConfig, StorageError, is_s3, join, safe_key_part, write_bytes
 
@@ -720,7 +720,7 @@ class Finish:
         pq.write_table(table, buf)
         # No try: the journal is the run's record of these rows (the commit reads them back
         # from it), so a failed write fails the task and Ray retries it.
-        write_bytes(join(attempt_dir(self.ctx.run_prefix, self.ctx.attempt), f"{name}.parquet"), buf.getvalue().to_pybytes(), self.ctx.storage)
+        write_bytes(join(attempt_dir(self.ctx.run_prefix, self.ctx.attempt), journal_file_name(name, len(table))), buf.getvalue().to_pybytes(), self.ctx.storage)
 
     def _finish(self, r: dict) -> dict:
         recipe = self.recipes[r["recipe"]]

@@ -120,9 +120,46 @@ def journal_attempts(run_prefix: str, storage: StorageConfig) -> dict[int, list[
     return out
 
 
-def journal_rows(run_prefix: str, attempt: int, storage: StorageConfig):
+def journal_file_name(key_hash: str, rows: int) -> str:
+    """A journal file's name: the hash of its rows' keys (a retried task overwrites its own
+    file) and its row count, so the passes after execution can group files into blocks of a
+    known size without opening them."""
+    return f"{key_hash}.r{rows}.parquet"
+
+
+# A journal file named before the count was in its name (a run resumed across an upgrade):
+# one CPU batch of a few SKUs.
+UNCOUNTED_JOURNAL_ROWS = 16
+
+
+def journal_file_rows(uri: str) -> int:
+    stem = uri.rsplit("/", 1)[-1].removesuffix(".parquet")
+    _, dot, count = stem.rpartition(".r")
+    return int(count) if dot and count.isdigit() else UNCOUNTED_JOURNAL_ROWS
+
+
+def journal_groups(files: list[str], rows_per_block: int) -> list[list[str]]:
+    """Consecutive journal files grouped to about `rows_per_block` rows a group (whole files:
+    a group holds at least one)."""
+    groups: list[list[str]] = []
+    rows = rows_per_block
+    for uri in files:
+        if rows >= rows_per_block:
+            groups.append([])
+            rows = 0
+        groups[-1].append(uri)
+        rows += journal_file_rows(uri)
+    return groups
+
+
+def journal_rows(run_prefix: str, attempt: int, storage: StorageConfig, rows_per_block: int):
     """This attempt's output rows as a lazy Dataset read back from its journal, so that no
-    pass after execution holds the catalog's rows in the driver or the object store."""
+    pass after execution holds the catalog's rows in the driver.
+
+    One block per group of ~`rows_per_block` rows (the commit's part size): every pass maps
+    whole blocks, so Ray Data fuses read -> flag -> write into one task and the commit's rows
+    go from a worker's heap to a part file without waiting in the object store for a bundle
+    to fill (that bundle was the object store's peak: 20 MB at 10k SKUs; bench/catalog_phases.py)."""
     import ray
 
     from pipelines.schema import OUTPUT_SCHEMA
@@ -130,20 +167,18 @@ def journal_rows(run_prefix: str, attempt: int, storage: StorageConfig):
     files = sorted(journal_attempts(run_prefix, storage).get(attempt, []))
     if not files:
         return ray.data.from_arrow(OUTPUT_SCHEMA.empty_table())
+    groups = journal_groups(files, rows_per_block)
     # Plain tasks read the files, not read_parquet: its footer-reader actors are spread over
     # every node, GPU nodes the autoscaler is about to remove included, and a read then fails
     # with its actor (seen in tests/cluster/test_autoscaling.py under load).
-    sources = ray.data.from_items([{"uri": u} for u in files], override_num_blocks=min(len(files), 64))
-    return sources.map_batches(_read_journal, fn_kwargs={"storage": storage}, batch_format="pyarrow", batch_size=JOURNAL_FILES_PER_READ)
-
-
-JOURNAL_FILES_PER_READ = 16  # journal files hold one Finish batch each: a few to a few hundred rows
+    sources = ray.data.from_items([{"uris": g} for g in groups], override_num_blocks=len(groups))
+    return sources.map_batches(_read_journal, fn_kwargs={"storage": storage}, batch_format="pyarrow", batch_size=None)
 
 
 def _read_journal(batch: pa.Table, storage: StorageConfig) -> pa.Table:
     from pipelines.schema import OUTPUT_SCHEMA
 
-    return _read_conformed(batch["uri"].to_pylist(), storage, OUTPUT_SCHEMA)
+    return _read_conformed([u for group in batch["uris"].to_pylist() for u in group], storage, OUTPUT_SCHEMA)
 
 
 def _read_variants(uris: list[str], storage: StorageConfig) -> pa.Table:
