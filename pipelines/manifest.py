@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, is_s3, split_s3
@@ -78,15 +79,34 @@ def _jsonl_columns(head: str, sample: int = 100) -> list[str]:
     return list(seen)
 
 
-def read_manifest(uri: str, storage: StorageConfig, columns: list[str]):
+def read_manifest(uri: str, storage: StorageConfig, columns: list[str], *, chunk_rows: int | None = None, num_cpus: float = 0.25, ranges_per_block: int = 1):
     """A Ray Dataset of raw manifest rows. JSONL is read as text so that a malformed line is
-    one error row instead of a failed block."""
+    one error row instead of a failed block.
+
+    With `chunk_rows`, an uncompressed JSONL file is read as byte ranges of about that many
+    rows, each by the task that goes on to use its rows (map with the same `num_cpus` after
+    this and Ray Data fuses them). The manifest then never waits in the object store for a
+    CPU: as one Read operator, a one-file manifest was read ahead whole (~300 B a row, ~3 GB at
+    10M rows, bench/catalog_phases.py). Other formats and `.gz` are read whole.
+
+    Each block holds one chunk as `ranges_per_block` contiguous byte ranges: Ray Data bundles
+    input blocks into a fused task until they hold as many rows as the largest batch size in
+    the chain, so a chain batching by N rows must see N descriptor rows per block to get one
+    chunk per task."""
     import ray
 
     fmt = manifest_format(uri)
     fs, path = arrow_filesystem(uri, storage)
+    size = chunk_rows and reads_in_ranges(uri, storage)
+    if size:
+        chunks = byte_ranges(size, chunk_rows * _bytes_per_line(fs, path))
+        k = max(1, ranges_per_block)
+        items = [{"start": a + (b - a) * i // k, "end": a + (b - a) * (i + 1) // k} for a, b in chunks for i in range(k)]
+        return ray.data.from_items(items, override_num_blocks=len(chunks)).map_batches(
+            _read_jsonl_ranges, fn_kwargs={"uri": uri, "storage": storage}, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus
+        )
     if fmt == "jsonl":
-        return ray.data.read_text(path, filesystem=fs).map_batches(_parse_jsonl_lines, batch_format="pyarrow")
+        return ray.data.read_text(path, filesystem=fs).map_batches(_parse_jsonl_lines, batch_format="pyarrow", num_cpus=num_cpus)
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
@@ -94,6 +114,67 @@ def read_manifest(uri: str, storage: StorageConfig, columns: list[str]):
         convert = pacsv.ConvertOptions(column_types={c: "string" for c in columns}, include_columns=wanted)
         return ray.data.read_csv(path, filesystem=fs, convert_options=convert)
     return ray.data.read_parquet(path, filesystem=fs, columns=[c for c in columns if c in REQUIRED + OPTIONAL])
+
+
+def reads_in_ranges(uri: str, storage: StorageConfig) -> int:
+    """The file's size when `read_manifest` can read it in byte ranges (one uncompressed,
+    non-empty JSONL file), else 0."""
+    if manifest_format(uri) != "jsonl" or uri.lower().endswith(".gz"):
+        return 0
+    fs, path = arrow_filesystem(uri, storage)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File and info.size else 0
+
+
+def byte_ranges(size: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    step = max(1, int(chunk_bytes))
+    return [(a, min(a + step, size)) for a in range(0, size, step)]
+
+
+def _bytes_per_line(fs, path: str, sample: int = 1 << 20) -> int:
+    with fs.open_input_stream(path) as f:
+        head = f.read(sample)
+    return max(1, len(head) // max(1, head.count(b"\n")))
+
+
+def _read_jsonl_ranges(batch, uri: str, storage: StorageConfig):
+    import pyarrow as pa
+
+    fs, path = arrow_filesystem(uri, storage)
+    # Contiguous ranges are read as one (one request per chunk on S3).
+    spans: list[list[int]] = []
+    for start, end in sorted(zip(batch["start"].to_pylist(), batch["end"].to_pylist())):
+        if spans and spans[-1][1] == start:
+            spans[-1][1] = end
+        else:
+            spans.append([start, end])
+    lines: list[str] = []
+    with fs.open_input_file(path) as f:
+        for start, end in spans:
+            lines += jsonl_lines_in_range(f, start, end)
+    return _parse_jsonl_lines(pa.table({"text": pa.array(lines, pa.string())}))
+
+
+def jsonl_lines_in_range(f, start: int, end: int, read_ahead: int = 1 << 16) -> list[str]:
+    """The lines of a seekable file that start in [start, end): a line belongs to the range
+    its first byte is in, so consecutive ranges split a file into each line exactly once."""
+    first = max(0, start - 1)  # the byte before the range tells whether a line starts at `start`
+    f.seek(first)
+    buf = f.read(end - first)
+    while buf and not buf.endswith(b"\n"):  # finish the line that started before `end`
+        more = f.read(read_ahead)
+        if not more:
+            break
+        cut = more.find(b"\n")
+        buf += more if cut < 0 else more[: cut + 1]
+        if cut >= 0:
+            break
+    if start > 0:
+        cut = buf.find(b"\n")
+        buf = b"" if cut < 0 else buf[cut + 1 :]  # the line in progress at `start` is the previous range's
+    # Read as the whole-file reader does: lines split on newlines, decoded as UTF-8 (a byte that
+    # is not UTF-8 becomes U+FFFD and the line fails to parse as JSON: an error row).
+    return buf.decode("utf-8", "replace").split("\n")[:-1] if buf.endswith(b"\n") else buf.decode("utf-8", "replace").split("\n")
 
 
 def _parse_jsonl_lines(table):

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from cluster.resources import ResourcePlan
 from pipelines.hashes import hash64_array
-from pipelines.manifest import read_manifest
+from pipelines.manifest import read_manifest, reads_in_ranges
 from pipelines.recipes import Recipe, Step
 from pipelines.scoring import ScoreModels, scorer_label
 from pipelines.stages import FetchAndDecode, Finish, ParseRows, RunContext, RunSteps, pool_group, recipe_units, unit_label
@@ -85,15 +85,25 @@ def build_work_rows(ctx: RunContext, manifest_uri: str, columns: list[str], plan
     import ray
 
     recipes = list(ctx.recipes().values())
-    ds = read_manifest(manifest_uri, ctx.storage, columns)
     cpu = {"num_cpus": 1, "batch_size": plan.cpu_batch_size}
     only = frozenset(sku for sku, *_ in ctx.retry) if ctx.retry else None  # a gate retry pass
-    ds = ds.map_batches(ParseRows([r.name for r in recipes], ctx.duplicates, only), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
+    # The main pass reads a JSONL manifest in byte ranges of about one block's rows, inside the
+    # CPU task that fetches and decodes them (same resources: Ray Data fuses the reads, the
+    # parse and the ops), so no manifest row waits in the object store for a CPU. A gate retry
+    # pass wants a few skus out of the whole file: one read.
+    in_ranges = not ctx.retry and bool(reads_in_ranges(manifest_uri, ctx.storage))
+    parse_cpus = 1 if in_ranges else 0.25
+    # (One chunk per task: see read_manifest's `ranges_per_block`; whole blocks up to the CPU batch.)
+    ds = read_manifest(manifest_uri, ctx.storage, columns, chunk_rows=plan.rows_per_block if in_ranges else None, num_cpus=parse_cpus,
+                       ranges_per_block=plan.cpu_batch_size)  # fmt: skip
+    parse_batch = None if in_ranges else plan.parse_batch_size
+    ds = ds.map_batches(ParseRows([r.name for r in recipes], ctx.duplicates, only), batch_format="pyarrow", batch_size=parse_batch, num_cpus=parse_cpus)
     if manifest_filter is not None:
-        ds = ds.map_batches(manifest_filter, batch_format="pyarrow")
-    # A manifest file is read as one block, and Ray runs one task per block: without this
-    # streaming split, a 10k-row JSONL would be processed by a single task.
-    ds = ds.repartition(target_num_rows_per_block=plan.rows_per_block)
+        ds = ds.map_batches(manifest_filter, batch_format="pyarrow", batch_size=parse_batch, num_cpus=parse_cpus)
+    if not in_ranges:
+        # A manifest file read whole is one block, and Ray runs one task per block: without
+        # this streaming split, a 10k-row CSV would be processed by a single task.
+        ds = ds.repartition(target_num_rows_per_block=plan.rows_per_block)
     # Fetched bytes go straight into decode in the same task (threads keep the requests in
     # flight), so they never queue in the object store ahead of decoding.
     ds = ds.map_batches(FetchAndDecode(ctx), batch_format="pyarrow", **cpu)
@@ -123,6 +133,9 @@ def build_work_rows(ctx: RunContext, manifest_uri: str, columns: list[str], plan
     return ds
 
 
+KEY_PASS_CHUNK_ROWS = 8192  # manifest rows per task in the duplicate-sku pass (~2.5 MB of JSONL)
+
+
 @dataclasses.dataclass(frozen=True)
 class ManifestKeys:
     """What one pass over the manifest's valid rows tells the run before any image is fetched."""
@@ -139,11 +152,13 @@ def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], 
     names = list(ctx.recipes())
 
     def parsed():
-        ds = read_manifest(manifest_uri, ctx.storage, columns)
-        return ds.map_batches(ParseRows(names), batch_format="pyarrow", batch_size=plan.parse_batch_size, num_cpus=0.25)
+        # Byte ranges of a JSONL manifest, read, parsed and hashed in one task each.
+        in_ranges = bool(reads_in_ranges(manifest_uri, ctx.storage))
+        ds = read_manifest(manifest_uri, ctx.storage, columns, chunk_rows=KEY_PASS_CHUNK_ROWS if in_ranges else None)
+        return ds.map_batches(ParseRows(names), batch_format="pyarrow", batch_size=None if in_ranges else plan.parse_batch_size, num_cpus=0.25)
 
     # 1. Hashes of the valid rows' skus; repeated hashes (a 64-bit collision only costs a look).
-    chunks = [b["h"] for b in parsed().map_batches(_sku_hashes, batch_format="pyarrow", num_cpus=0.25).iter_batches(batch_size=None, batch_format="numpy")]
+    chunks = [b["h"] for b in parsed().map_batches(_sku_hashes, batch_format="pyarrow", batch_size=None, num_cpus=0.25).iter_batches(batch_size=None, batch_format="numpy")]
     hashes = np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.uint64)
     repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     rows = len(hashes)
@@ -151,7 +166,7 @@ def find_duplicate_skus(ctx: RunContext, manifest_uri: str, columns: list[str], 
     if not len(repeated):
         return ManifestKeys(rows=rows, duplicates=())
     # 2. Only those skus' rows, grouped here.
-    repeats = parsed().map_batches(_rows_with_hashes, fn_kwargs={"wanted": repeated}, batch_format="pyarrow", num_cpus=0.25).take_all()
+    repeats = parsed().map_batches(_rows_with_hashes, fn_kwargs={"wanted": repeated}, batch_format="pyarrow", batch_size=None, num_cpus=0.25).take_all()
     uris: dict[str, list[str]] = {}
     for r in repeats:
         uris.setdefault(r["sku"], []).append(r["source_uri"])
