@@ -174,7 +174,8 @@ def jsonl_lines_in_range(f, start: int, end: int, read_ahead: int = 1 << 16) -> 
         buf = b"" if cut < 0 else buf[cut + 1 :]  # the line in progress at `start` is the previous range's
     # Read as the whole-file reader does: lines split on newlines, decoded as UTF-8 (a byte that
     # is not UTF-8 becomes U+FFFD and the line fails to parse as JSON: an error row).
-    return buf.decode("utf-8", "replace").split("\n")[:-1] if buf.endswith(b"\n") else buf.decode("utf-8", "replace").split("\n")
+    lines = buf.decode("utf-8", "replace").split("\n")
+    return lines[:-1] if buf.endswith(b"\n") else lines
 
 
 def _parse_jsonl_lines(table):
