@@ -152,7 +152,7 @@ def main() -> None:
     # 3. The GPU path at each precision and batch size. Host CPU: the share spent preparing inputs.
     t0 = time.process_time()
     for im in photos:
-        one._prepare(im, SIDE, False)
+        one._host_frame(im, SIDE)
     result["prepare_cpu_s_per_look"] = (time.process_time() - t0) / len(photos)
     result["gpu_runs"] = []
     for precision in args.precisions.split(","):

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from ops.models import BUILTIN_MODELS, ModelError, is_builtin
+from ops.salient_frames import DeviceFrames, host_frame
 from ops.salient_runtime import Backend, open_runner
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class SalientModel:
         self.max_batch = max_batch
         self._runner = open_runner(Path(path), any_size=self.spec.any_size, device=device, backend=backend, precision=precision)
         self.device = self._runner.device
+        # Frames are made where the graph runs when its runner takes tensors (torch): on a GPU
+        # worker that moves the photo's resizes off the host, which was its bottleneck.
+        self._device_frames = DeviceFrames(self.device, self.spec.mean, self.spec.std) if getattr(self._runner, "takes_tensors", False) else None
         self._lock = threading.Lock()  # one run at a time per session (actors may use threads)
 
     def sizes_for(self, scales: tuple[float, ...]) -> tuple[int, ...]:
@@ -120,19 +124,14 @@ class SalientModel:
         for i in range(len(images)):
             for j, p in enumerate(passes):
                 by_size.setdefault((p.size, 0 if self.device == "cuda" else i), []).append((i, j))
+        frames = self._frames(images, sorted({p.size for p in passes}))
         for (size, _), group in by_size.items():
-            # An image's mirrored pass at a size is its unmirrored input reversed: one resize
-            # of the full photo per size, not per pass (the same values; a third of a GPU
-            # worker's host time went to these resizes).
-            last: tuple[int, np.ndarray] | None = None
             for start in range(0, len(group), self.max_batch):
                 chunk = group[start : start + self.max_batch]
-                inputs = []
-                for i, j in chunk:
-                    if last is None or last[0] != i:
-                        last = (i, self._prepare(images[i], size, False))
-                    inputs.append(last[1][:, :, ::-1] if passes[j].flip else last[1])
-                x = np.stack(inputs)
+                # An image's mirrored pass at a size is its unmirrored frame reversed: one
+                # resize of the full photo per size, not per pass (the same values).
+                inputs = [self._mirrored(frames(i, size)) if passes[j].flip else frames(i, size) for i, j in chunk]
+                x = self._device_frames.stack(inputs) if self._device_frames else np.stack(inputs)
                 for (i, j), prob in zip(chunk, self._run(x)):
                     if self.spec.logits:
                         prob = 1.0 / (1.0 + np.exp(-prob))
@@ -142,6 +141,32 @@ class SalientModel:
                     interp = cv2.INTER_AREA if prob.shape[0] > out_side else cv2.INTER_LINEAR
                     results[i][j] = cv2.resize(np.ascontiguousarray(prob), (out_side, out_side), interpolation=interp)
         return results  # type: ignore[return-value]
+
+    def _frames(self, images: list[np.ndarray], sizes: list[int]):
+        """(image index, side) -> the model's input frame. On the host a frame is made when first
+        asked for, and only the current image's are kept (CPU calls go image by image); with a
+        runner that takes tensors, each photo is uploaded once and all its sides' frames are
+        made on the device (ops/salient_frames.py)."""
+        if self._device_frames is not None:
+            made = {}
+            for i, image in enumerate(images):
+                uploaded = self._device_frames.upload(image)
+                for size in sizes:
+                    made[i, size] = self._device_frames.frame(image, uploaded, size)
+            return lambda i, size: made[i, size]
+        kept: dict[tuple[int, int], np.ndarray] = {}
+
+        def frame(i: int, size: int) -> np.ndarray:
+            if (i, size) not in kept:
+                if any(k[0] != i for k in kept):
+                    kept.clear()
+                kept[i, size] = self._host_frame(images[i], size)
+            return kept[i, size]
+
+        return frame
+
+    def _mirrored(self, frame):
+        return self._device_frames.mirrored(frame) if self._device_frames else frame[:, :, ::-1]
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """N x H x W foreground maps for an N x 3 x H x W input. Some exports hard-code a batch
@@ -159,17 +184,8 @@ class SalientModel:
             return self._run(x)
         return y.reshape(len(x), -1, y.shape[-2], y.shape[-1])[:, 0]
 
-    def _prepare(self, image: np.ndarray, size: int, flip: bool) -> np.ndarray:
-        h, w = image.shape[:2]
-        interp = cv2.INTER_AREA if max(h, w) > size else cv2.INTER_LINEAR
-        im = cv2.resize(image, (size, size), interpolation=interp).astype(np.float32)
-        # rembg scales by the image's own maximum before the mean/std (what these exports saw).
-        im *= 1.0 / max(float(im.max()), 1.0)
-        im -= np.asarray(self.spec.mean, np.float32)
-        im /= np.asarray(self.spec.std, np.float32)
-        if flip:
-            im = im[:, ::-1]
-        return np.ascontiguousarray(im.transpose(2, 0, 1))
+    def _host_frame(self, image: np.ndarray, size: int) -> np.ndarray:
+        return host_frame(image, size, self.spec.mean, self.spec.std)
 
 
 def _minmax(prob: np.ndarray) -> np.ndarray:

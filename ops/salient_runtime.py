@@ -36,8 +36,9 @@ PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16")
 
 class GraphRunner(Protocol):
     device: str  # 'cuda' or 'cpu': where the graph's arithmetic happens
+    takes_tensors: bool = False  # True: run() also takes a torch tensor on `device`
 
-    def run(self, x: np.ndarray) -> np.ndarray: ...
+    def run(self, x) -> np.ndarray: ...
 
 
 def open_runner(path: Path, *, any_size: bool, device: str, backend: Backend = "auto", precision: str = "auto") -> GraphRunner:
@@ -105,7 +106,11 @@ class OrtRunner:
 class TorchRunner:
     """The graph as a torch module (onnx2torch), cuDNN autotuned per input shape (a recipe has
     at most a few pass sizes). `precision`: fp32 (the default: IEEE fp32 convolutions, as the
-    CPU path computes), tf32, fp16 or bf16 (autocast); the others are for benchmarks."""
+    CPU path computes), tf32, fp16 or bf16 (autocast); the others are for benchmarks.
+    It takes its input as a tensor already on its device (ops/salient_frames.py makes the
+    frames there) or as numpy."""
+
+    takes_tensors = True
 
     def __init__(self, graph, path: Path, *, device: str, precision: str = "auto"):
         import torch
@@ -133,7 +138,7 @@ class TorchRunner:
         # cuDNN's flags are process-wide and the diffusion ops sharing this GPU worker turn TF32
         # on; they are set for this call only.
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=self._tf32):
-            t = torch.from_numpy(x).to(self.device, non_blocking=True)
+            t = x if isinstance(x, torch.Tensor) else torch.from_numpy(x).to(self.device, non_blocking=True)
             with torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 out = self._module(t)
             first = out[0] if isinstance(out, (list, tuple)) else out

@@ -437,14 +437,14 @@ def test_mirrored_passes_reuse_the_resized_photo_with_the_same_inputs():
 
     model = SalientModel(builtin_path("builtin:u2netp")[0], "u2netp")
     fed, resized = [], []
-    run, prepare = model._run, model._prepare
+    run, prepare = model._run, model._host_frame
     model._run = lambda x: fed.append(x.copy()) or run(x)
-    model._prepare = lambda image, size, flip: resized.append(size) or prepare(image, size, flip)
+    model._host_frame = lambda image, size: resized.append(size) or prepare(image, size)
     images = [render_product(s, background="cluttered", degradation="none", size=(500, 420)).photo for s in range(2)] + _real_photos(1)
     passes = [Pass(256), Pass(256, flip=True), Pass(320), Pass(320, flip=True)]
     model.predict(images, passes, 320)
     assert sorted(resized) == sorted([256, 320] * len(images))  # once per image and size
-    want = [prepare(im, p.size, p.flip) for im in images for p in passes]  # the CPU groups by image, then size
+    want = [prepare(im, p.size)[:, :, ::-1] if p.flip else prepare(im, p.size) for im in images for p in passes]  # the CPU groups by image, then size
     got = [x for batch in fed for x in batch]
     assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
 

@@ -109,3 +109,61 @@ def test_an_unknown_precision_names_the_choices(tmp_path):
     path = save_tiny_salient_onnx(tmp_path / "u2netp.onnx")
     with pytest.raises(ValueError, match=r"precision 'fp8'.*fp32, tf32, fp16, bf16"):
         SalientModel(path, "u2netp", backend="torch", precision="fp8")
+
+
+def test_frames_made_on_the_device_are_opencvs_resize():
+    # A GPU worker makes the model's input frames on the GPU (ops/salient_frames.py). Against
+    # cv2.resize's INTER_AREA: within one 8-bit level, on under 1% of the pixels (OpenCV rounds
+    # its float sums; measured 0.11% on real photos); photos smaller than a frame take the host
+    # path and are the same bit for bit.
+    import cv2
+
+    from ops.salient_frames import DeviceFrames, area_weights, host_frame
+    from ops.salient_models import IMAGENET_MEAN, IMAGENET_STD
+
+    rng = np.random.default_rng(7)
+    photos = _photos() + [
+        render_product(1, background="cluttered", degradation="noise", size=(1280, 1280)).photo,  # 4x: OpenCV's integer path
+        rng.integers(0, 256, (977, 1403, 3), dtype=np.uint8),  # noise: every rounding case
+        rng.integers(0, 256, (300, 700, 3), dtype=np.uint8),  # narrower than a frame
+    ]
+    frames = DeviceFrames("cpu", IMAGENET_MEAN, IMAGENET_STD)
+    off = total = 0
+    for photo in photos:
+        uploaded = frames.upload(photo)
+        for size in (256, 320, 384):
+            want = host_frame(photo, size, IMAGENET_MEAN, IMAGENET_STD)
+            got = frames.frame(photo, uploaded, size).numpy()
+            assert got.shape == want.shape == (3, size, size) and got.dtype == np.float32
+            if min(photo.shape[:2]) < size:
+                assert np.array_equal(got, want)
+                continue
+            levels = cv2.resize(photo, (size, size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1).astype(int)
+            diff = np.abs(frames.resized(uploaded, size).numpy().astype(int) - levels)
+            assert diff.max() <= 1
+            off, total = off + int((diff > 0).sum()), total + diff.size
+            # A level, after the normalisation by the frame's maximum and the std.
+            level = 1.0 / (max(levels.max() - 1, 1) * min(IMAGENET_STD))
+            assert np.abs(got - want).max() < level + 1e-5
+    assert total and off / total < 0.01
+    for src, dst in ((1403, 320), (1280, 320), (320, 320), (333, 320)):
+        w = area_weights(src, dst)
+        assert np.allclose(w.sum(axis=1), 1.0) and np.allclose(w.sum(axis=0), dst / src)
+
+
+def test_a_torch_runner_makes_each_photos_frames_once_per_size():
+    # Every pass at a size reads one frame, mirrored or not; each photo is uploaded once.
+    path, _ = builtin_path("builtin:u2netp")
+    model = SalientModel(path, "u2netp", backend="torch")
+    uploads, made = [], []
+    upload, frame = model._device_frames.upload, model._device_frames.frame
+    model._device_frames.upload = lambda image: uploads.append(1) or upload(image)
+    model._device_frames.frame = lambda image, up, size: made.append(size) or frame(image, up, size)
+    photos = [render_product(s, background="cluttered", degradation="none", size=(500, 420)).photo for s in range(2)]
+    passes = [Pass(256), Pass(256, flip=True), Pass(320), Pass(320, flip=True)]
+    maps = model.predict(photos, passes, 320)
+    assert len(uploads) == 2 and sorted(made) == [256, 256, 320, 320]
+    want = SalientModel(path, "u2netp").predict(photos, passes, 320)  # onnxruntime, host frames
+    for got_maps, want_maps in zip(maps, want):
+        for g, w in zip(got_maps, want_maps):
+            assert np.abs(g - w).max() < 2e-3
