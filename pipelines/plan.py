@@ -90,17 +90,19 @@ def build_work_rows(ctx: RunContext, manifest_uri: str, columns: list[str], plan
     # The main pass reads a JSONL manifest in byte ranges of about one block's rows, inside the
     # CPU task that fetches and decodes them (same resources: Ray Data fuses the reads, the
     # parse and the ops), so no manifest row waits in the object store for a CPU. A gate retry
-    # pass wants a few skus out of the whole file: one read.
-    in_ranges = not ctx.retry and bool(reads_in_ranges(manifest_uri, ctx.storage))
-    parse_cpus = 1 if in_ranges else 0.25
+    # pass wants a few skus out of the whole file: it scans larger ranges in light tasks that
+    # keep only those skus' rows, so only they reach the object store, then splits them.
+    ranged = bool(reads_in_ranges(manifest_uri, ctx.storage))
+    fused = ranged and not ctx.retry
+    parse_cpus = 1 if fused else 0.25
     # (One chunk per task: see read_manifest's `ranges_per_block`; whole blocks up to the CPU batch.)
-    ds = read_manifest(manifest_uri, ctx.storage, columns, chunk_rows=plan.rows_per_block if in_ranges else None, num_cpus=parse_cpus,
-                       ranges_per_block=plan.cpu_batch_size)  # fmt: skip
-    parse_batch = None if in_ranges else plan.parse_batch_size
+    ds = read_manifest(manifest_uri, ctx.storage, columns, chunk_rows=(plan.rows_per_block if fused else KEY_PASS_CHUNK_ROWS) if ranged else None,
+                       num_cpus=parse_cpus, ranges_per_block=plan.cpu_batch_size if fused else 1)  # fmt: skip
+    parse_batch = None if ranged else plan.parse_batch_size
     ds = ds.map_batches(ParseRows([r.name for r in recipes], ctx.duplicates, only), batch_format="pyarrow", batch_size=parse_batch, num_cpus=parse_cpus)
     if manifest_filter is not None:
         ds = ds.map_batches(manifest_filter, batch_format="pyarrow", batch_size=parse_batch, num_cpus=parse_cpus)
-    if not in_ranges:
+    if not fused:
         # A manifest file read whole is one block, and Ray runs one task per block: without
         # this streaming split, a 10k-row CSV would be processed by a single task.
         ds = ds.repartition(target_num_rows_per_block=plan.rows_per_block)
@@ -133,7 +135,7 @@ def build_work_rows(ctx: RunContext, manifest_uri: str, columns: list[str], plan
     return ds
 
 
-KEY_PASS_CHUNK_ROWS = 8192  # manifest rows per task in the duplicate-sku pass (~2.5 MB of JSONL)
+KEY_PASS_CHUNK_ROWS = 8192  # manifest rows per task in the passes that scan it (duplicate skus, gate retries; ~2.5 MB of JSONL)
 
 
 @dataclasses.dataclass(frozen=True)

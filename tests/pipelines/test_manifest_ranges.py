@@ -92,3 +92,32 @@ def test_main_pass_reads_parses_and_runs_ops_in_one_task(ray_session, tmp_path):
     chunks = len(byte_ranges(manifest.stat().st_size, plan.rows_per_block * _bytes_per_line(*arrow_filesystem(str(manifest), storage))))
     assert chunks >= 2
     assert f"{chunks} tasks executed" in fused[0], stats
+
+
+def test_a_gate_retry_pass_scans_ranges_and_keeps_only_its_skus(ray_session, tmp_path):
+    # A retry pass wants a few skus out of the whole manifest: light range tasks keep only
+    # their rows (nothing else reaches the object store, and there is no whole-file read),
+    # then those rows are split into blocks for the CPU tasks.
+    import dataclasses
+
+    import ray
+
+    from pipelines.state import PriorState
+
+    manifest = write_sample_catalog(tmp_path / "cat", 12)
+    skus = [json.loads(line)["sku"] for line in manifest.read_text().splitlines()]
+    storage = StorageConfig()
+    ctx = RunContext(run_id="t", output=str(tmp_path / "out"), recipe_refs=("enhance",), storage=storage,
+                     sources=SourcePolicy.for_manifest(str(manifest), ()), recipe_fingerprints=(("enhance", "test"),))  # fmt: skip
+    retry = tuple(sorted((sku, "enhance", 0, 2) for sku in skus[3:6]))
+    plan = plan_resources(ray.cluster_resources(), cpu_batch_size=2).for_rows(12)
+    ds = build_dataset(dataclasses.replace(ctx, retry=retry, prior=PriorState()), str(manifest), check_columns(str(manifest), storage), plan)
+    out = ds.take_all()
+    assert sorted(r["sku"] for r in out) == sorted(skus[3:6])
+    assert all(r["kind"] == "variant" and r["attempt"] == 2 for r in out), [(r["kind"], r["message"]) for r in out]
+    stats = ds.stats()
+    ops = [line for line in stats.splitlines() if line.lstrip().startswith("Operator")]
+    scan = [line for line in ops if "_read_jsonl_ranges" in line]
+    assert len(scan) == 1 and "ParseRows" in scan[0] and "FetchAndDecode" not in scan[0], stats
+    assert not any("ReadText" in line for line in ops), stats
+    assert "Finish" in stats and "repartition" in stats.lower(), stats
