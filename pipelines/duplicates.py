@@ -88,10 +88,12 @@ BUCKETS = 256  # groups of the distributed passes: each sees ~1/256 of the hashe
 LOCAL_ROWS = 20_000
 
 
-def flag_duplicates(rows, n_rows: int | None = None):
+def flag_duplicates(rows, n_variants: int | None = None):
     """The run's rows with `duplicate_of_variant` and `shared_source_skus` filled in.
+    `n_variants`: how many variant rows there are, when the caller counted them (0: the rows
+    are returned as they are, their flags null; Ray's shuffle fails on a dataset with no rows).
 
-    Above LOCAL_ROWS rows both searches run on the workers, grouped so that every pair they
+    Above LOCAL_ROWS variant rows (or when uncounted) both searches run on the workers, grouped so that every pair they
     must compare meets in one group: a SKU's variants by the SKU's bucket, source hashes by
     their band values' buckets (two hashes within SOURCE_DISTANCE share a band value). Their
     flags stay on the workers as Arrow blocks in the object store; the driver holds only the
@@ -99,8 +101,10 @@ def flag_duplicates(rows, n_rows: int | None = None):
     colour variants flags most of its SKUs: as Python dicts on the driver that was ~0.8 KB a
     SKU, shipped to every task; bench/catalog_phases.py). Below it, the hash columns (a few
     MB) come to the driver instead: the same search without two shuffles' start-up cost."""
+    if n_variants == 0:
+        return rows
     hashes = rows.map_batches(_variant_hashes, batch_format="pyarrow")
-    if n_rows is None or n_rows > LOCAL_ROWS:
+    if n_variants is None or n_variants > LOCAL_ROWS:
         repeats = hashes.map_batches(_by_sku_bucket, batch_format="pyarrow").groupby("bucket").map_groups(_repeats_in_group, batch_format="pyarrow").materialize()
         shared = hashes.map_batches(_by_band_bucket, batch_format="pyarrow").groupby("bucket").map_groups(_shared_in_group, batch_format="pyarrow").materialize()
         log.info("near-duplicates: %d repeated variants, %d (sku, other sku) pairs sharing a source photo", repeats.count(), shared.count())

@@ -202,7 +202,9 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     produced = execute(build_dataset(ctx, cfg.manifest, columns, catalog_plan))
     rows = run_gate_retries(ctx, cfg.manifest, columns, plan, rows_per_block=cfg.part_rows)
     rows, folded = dedupe_repeated_rows(rows, duplicates)
-    rows = flag_duplicates(rows, n_rows=produced)
+    # A run that produced no variant (every fetch failed, say) has nothing to flag: its error
+    # rows go on to the summary and the error-rate check.
+    rows = flag_duplicates(rows, n_variants=produced.variants)
     t_exec = time.perf_counter() - t0
     summary = _summarise(rows, run_id, run_prefix, time.perf_counter() - t0, attempt)
     summary.duplicate_rows = folded
@@ -285,15 +287,28 @@ def check_sole_driver(run_id: str, run_prefix: str, attempt: int, storage: Stora
                         f"gone too, rerun with --run-id {run_id} to commit (finished rows are reused). Run one driver per run id.")  # fmt: skip
 
 
-def execute(ds) -> int:
-    """Run a plan to its end, keeping nothing: Finish has journalled every row (a count per
-    block is all that reaches the driver). Returns the rows produced."""
+@dataclasses.dataclass(frozen=True)
+class Produced:
+    rows: int  # output rows, errors included
+    variants: int  # rows of kind "variant"
+
+
+def execute(ds) -> Produced:
+    """Run a plan to its end, keeping nothing: Finish has journalled every row (two counts per
+    block are all that reach the driver)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     def count(table):
-        return pa.table({"rows": [len(table)]})
+        variants = 0
+        if "kind" in table.column_names:
+            variants = pc.sum(pc.equal(table["kind"], "variant")).as_py() or 0
+        return pa.table({"rows": [len(table)], "variants": [variants]})
 
-    return sum(int(b["rows"].sum()) for b in ds.map_batches(count, batch_format="pyarrow", batch_size=None).iter_batches(batch_size=None, batch_format="numpy"))
+    rows = variants = 0
+    for b in ds.map_batches(count, batch_format="pyarrow", batch_size=None).iter_batches(batch_size=None, batch_format="numpy"):
+        rows, variants = rows + int(b["rows"].sum()), variants + int(b["variants"].sum())
+    return Produced(rows=rows, variants=variants)
 
 
 def run_gate_retries(ctx: RunContext, manifest: str, columns: list[str], plan, rows_per_block: int = ROWS_PER_FILE):

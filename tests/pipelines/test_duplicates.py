@@ -73,7 +73,7 @@ def test_the_distributed_search_flags_exactly_what_the_driver_search_does(ray_se
     ds = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)).repartition(4)
 
     def flags(n_rows):
-        out = flag_duplicates(ds, n_rows=n_rows).take_all()
+        out = flag_duplicates(ds, n_variants=n_rows).take_all()
         return sorted((r["sku"], r["variant"], r["duplicate_of_variant"], tuple(r["shared_source_skus"] or ())) for r in out if r["kind"] == "variant")
 
     local, distributed = flags(len(rows)), flags(None)

@@ -60,6 +60,21 @@ def _journal_files(run_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- error budget
 
 
+def test_a_large_run_where_every_row_failed_reports_the_errors(ray_session, tmp_path, monkeypatch):
+    # Above LOCAL_ROWS rows the near-duplicate search runs as Ray shuffles, which fail on a
+    # dataset with no variant rows; a night where every fetch failed (a wrong bucket policy, say)
+    # must still end in the error-budget message, not a shuffle's traceback. LOCAL_ROWS = 0
+    # takes the shuffle path at this size.
+    from pipelines import duplicates
+
+    monkeypatch.setattr(duplicates, "LOCAL_ROWS", 0)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"sku": f"GONE-{i}", "image_uri": str(tmp_path / f"gone{i}.jpg")}) + "\n" for i in range(5)))
+    cfg = RunConfig(manifest=str(manifest), recipes=("enhance",), output=str(tmp_path / "out"), run_id="dark")
+    with pytest.raises(RunFailed, match=r"5 of 5 output rows failed .*Errors by stage: \{'fetch': 5\}"):
+        run_catalog(cfg)
+
+
 def test_too_many_failures_commit_nothing_and_a_rerun_finishes(ray_session, tmp_path):
     manifest = _write_catalog(tmp_path / "cat", 4, size=(256, 256))
     lines = manifest.read_text().splitlines() + [json.dumps({"sku": f"GONE-{i}", "image_uri": str(tmp_path / f"gone{i}.jpg")}) for i in range(3)]
