@@ -67,6 +67,7 @@ class DeviceFrames:
 
         self._torch = torch
         self.device = device
+        self._host_norm = (tuple(mean), tuple(std))  # for photos smaller than a frame
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
         self._weights: dict[tuple[int, int], object] = {}
@@ -85,7 +86,7 @@ class DeviceFrames:
         torch = self._torch
         h, w = image.shape[:2]
         if h < size or w < size:
-            return torch.from_numpy(host_frame(image, size, self._mean.flatten().tolist(), self._std.flatten().tolist())).to(self.device)
+            return torch.from_numpy(host_frame(image, size, *self._host_norm)).to(self.device)
         # rembg's normalisation: by the frame's own maximum, then the family's mean and std.
         x = self.resized(uploaded, size).to(torch.float32)
         x *= 1.0 / x.amax().clamp(min=1.0)

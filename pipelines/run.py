@@ -200,6 +200,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     #    driver keeps none of them (bench/catalog_scale.py measures what it does hold): the passes after this
     #    read the rows back from the journal.
     produced = execute(build_dataset(ctx, cfg.manifest, columns, catalog_plan))
+    log.info("run %s: %d rows produced, %d of them variants", run_id, produced.rows, produced.variants)
     rows = run_gate_retries(ctx, cfg.manifest, columns, plan, rows_per_block=cfg.part_rows)
     rows, folded = dedupe_repeated_rows(rows, duplicates)
     # A run that produced no variant (every fetch failed, say) has nothing to flag: its error
