@@ -9,20 +9,43 @@
 
 Hashes are 64-bit DCT hashes (`ops.scores.phash`). Catalog-wide pairs are found by banding:
 two hashes within 3 bits agree exactly on at least one of four 16-bit bands, so only SKUs
-sharing a band value are compared. Works on the metadata rows (no pixels) on the workers;
-only flagged rows end up in the lookup tables shipped back to the workers.
+sharing a band value are compared.
+
+Small runs search on the driver. Large ones search on the workers through storage, under
+`OUT/<run>/_duplicates/aNNNN-<id>/` (deleted on commit, like the journal):
+
+    variants/shard-NNNNN/<group>.parquet  hash rows of one journal group, by the SKU's shard
+    bands/shard-NNNNN/<group>.parquet     (sku, source hash, group) once per band value, by
+                                          the band value's shard
+    flags/<group>/NNNNN.parquet           what search shard NNNNN found for that group's rows
+
+1. every journal group (the blocks the commit writes) scatters its hash rows;
+2. every shard is searched by one task, which writes each flag to the groups holding rows it
+   applies to;
+3. the commit's fused task reads its own group's flags (one listing, a few small reads).
+
+Why not a Ray shuffle: `groupby(...).map_groups` holds every hash row, and its results, in the
+object store (15.4 MB at 100k SKUs, ~2 GB at 10M). Here only row counts pass through it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
+import math
+import uuid
 import zlib
 from collections import defaultdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ops.scores import phash_distance
+from pipelines import prior_index
+from pipelines.state import Journal, journal_blocks, journal_file_rows, read_journal_group
+from pipelines.storage import StorageConfig, delete_objects, join, list_objects, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -80,44 +103,37 @@ def shared_sources(pairs: set[tuple[str, str]], distance: int = SOURCE_DISTANCE)
     return {sku: sorted(others) for sku, others in out.items() if others}
 
 
-BUCKETS = 256  # groups of the distributed passes: each sees ~1/256 of the hashes
+DUPLICATES = "_duplicates"  # this attempt's search files under the run prefix (deleted on commit)
 
-
-# Up to this many rows the hashes are searched on the driver (as Python rows, ~1.8 KB each:
-# ~36 MB at the bound); above it on workers, which costs two shuffles' start-up.
+# Up to this many variant rows the hashes are searched on the driver (as Python rows, ~1.8 KB
+# each: ~36 MB at the bound); above it on workers, through storage.
 LOCAL_ROWS = 20_000
+# Journal rows per search shard: one task's search, as Python rows (~100 MB at the bound).
+SEARCH_ROWS = 50_000
 
 
-def flag_duplicates(rows, n_variants: int | None = None):
-    """The run's rows with `duplicate_of_variant` and `shared_source_skus` filled in.
-    `n_variants`: how many variant rows there are, when the caller counted them (0: the rows
-    are returned as they are, their flags null; Ray's shuffle fails on a dataset with no rows).
+def flag_duplicates(journal: Journal, n_variants: int | None = None):
+    """The journal's rows, as a lazy Dataset, with `duplicate_of_variant` and
+    `shared_source_skus` filled in. `n_variants`: how many variant rows there are, when the
+    caller counted them (0: the rows as they are, their flags null).
 
-    Above LOCAL_ROWS variant rows (or when uncounted) both searches run on the workers, grouped so that every pair they
-    must compare meets in one group: a SKU's variants by the SKU's bucket, source hashes by
-    their band values' buckets (two hashes within SOURCE_DISTANCE share a band value). Their
-    flags stay on the workers as Arrow blocks in the object store; the driver holds only the
-    blocks' references, and each flagging worker reads them once (a catalog of look-alike
-    colour variants flags most of its SKUs: as Python dicts on the driver that was ~0.8 KB a
-    SKU, shipped to every task; bench/catalog_phases.py). Below it, the hash columns (a few
-    MB) come to the driver instead: the same search without two shuffles' start-up cost."""
+    Up to LOCAL_ROWS variant rows the hash columns (a few MB) come to the driver and the
+    flags go to the workers with the flagging function. Above it (or uncounted) the search
+    runs on the workers through storage (module docstring): a catalog of look-alike colour
+    variants flags most of its SKUs, and neither the driver nor the object store may hold
+    that."""
     if n_variants == 0:
-        return rows
-    hashes = rows.map_batches(_variant_hashes, batch_format="pyarrow")
+        return journal.rows()
     if n_variants is None or n_variants > LOCAL_ROWS:
-        repeats = hashes.map_batches(_by_sku_bucket, batch_format="pyarrow").groupby("bucket").map_groups(_repeats_in_group, batch_format="pyarrow").materialize()
-        shared = hashes.map_batches(_by_band_bucket, batch_format="pyarrow").groupby("bucket").map_groups(_shared_in_group, batch_format="pyarrow").materialize()
-        log.info("near-duplicates: %d repeated variants, %d (sku, other sku) pairs sharing a source photo", repeats.count(), shared.count())
-        flags = {"repeats": repeats.to_arrow_refs(), "shared": shared.to_arrow_refs()}
-        return rows.map_batches(_flag_from_blocks, fn_kwargs=flags, batch_format="pyarrow", batch_size=None)
+        return _flag_through_storage(journal)
+    rows = journal.rows()
+    hashes = rows.map_batches(_variant_hashes, batch_format="pyarrow")
     meta = [r for b in hashes.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
     repeats_found = variant_repeats(meta)
-    shared_found: dict[str, set[str]] = defaultdict(set)
-    for sku, others in shared_sources({(r["sku"], r["source_phash"]) for r in meta}).items():
-        shared_found[sku].update(others)
+    shared_found = shared_sources({(r["sku"], r["source_phash"]) for r in meta})
     if repeats_found or shared_found:
         log.info("near-duplicates: %d repeated variants, %d skus sharing a source photo", len(repeats_found), len(shared_found))
-    return rows.map_batches(_Flag(repeats_found, {k: sorted(v)[:SHARED_LIST_MAX] for k, v in shared_found.items()}), batch_format="pyarrow", batch_size=None)
+    return rows.map_batches(_Flag(repeats_found, {k: v[:SHARED_LIST_MAX] for k, v in shared_found.items()}), batch_format="pyarrow", batch_size=None)
 
 
 def _variant_hashes(table: pa.Table) -> pa.Table:
@@ -125,38 +141,114 @@ def _variant_hashes(table: pa.Table) -> pa.Table:
     return t.select(["sku", "recipe", "variant", "attempt", "phash", "source_phash"])
 
 
-def _bucket(keys) -> pa.Array:
-    return pa.array([zlib.crc32(k.encode("utf-8", "surrogatepass")) % BUCKETS for k in keys], pa.int32())
+# ---------------------------------------------------------------------------- through storage
 
 
-def _by_sku_bucket(table: pa.Table) -> pa.Table:
-    return table.append_column("bucket", _bucket(pc.fill_null(table["sku"], "").to_pylist()))
+def _flag_through_storage(journal: Journal):
+    import ray
+
+    groups = journal.groups()  # once: the scatter and the commit must see the same blocks
+    if not groups:
+        return journal.rows()
+    storage = journal.storage
+    stale = list_objects(join(journal.run_prefix, DUPLICATES), storage)
+    if stale:  # an interrupted attempt's search files
+        delete_objects(stale, storage)
+    # Unique per search: a retried commit task must never read another search's flags.
+    prefix = join(journal.run_prefix, DUPLICATES, f"a{journal.attempt:04d}-{uuid.uuid4().hex[:12]}")
+    shards = max(1, math.ceil(sum(journal_file_rows(u) for g in groups for u in g) / SEARCH_ROWS))
+    blocks = journal_blocks(groups)
+
+    # 1. Scatter: each group's hash rows by SKU shard, its (sku, source hash) pairs by band.
+    scatter = blocks.map_batches(_scatter_hashes, fn_kwargs={"storage": storage, "prefix": prefix, "shards": shards}, batch_format="pyarrow", batch_size=1)
+    hashed = sum(int(b["rows"].sum()) for b in scatter.iter_batches(batch_size=None, batch_format="numpy"))
+    # 2. Search each shard; flags go to the groups they apply to.
+    search = ray.data.range(shards, override_num_blocks=min(shards, 64))
+    search = search.map_batches(_search_shards, fn_kwargs={"storage": storage, "prefix": prefix}, batch_format="pyarrow", batch_size=1)
+    repeated = pairs = 0
+    for b in search.iter_batches(batch_size=None, batch_format="numpy"):
+        repeated, pairs = repeated + int(b["repeated"].sum()), pairs + int(b["pairs"].sum())
+    log.info("near-duplicates: %d variant rows searched in %d shards; %d repeated variants, %d (sku, other sku) pairs sharing a source photo "
+             "(a pair sharing two band values counts in both shards)", hashed, shards, repeated, pairs)  # fmt: skip
+    # 3. The rows, each group flagged from its own flag files in the task that reads it.
+    return blocks.map_batches(_read_journal_and_flag, fn_kwargs={"storage": storage, "prefix": prefix}, batch_format="pyarrow", batch_size=None)
 
 
-def _by_band_bucket(table: pa.Table) -> pa.Table:
-    """One row per (band, distinct sku/source hash pair), keyed by the band value's bucket."""
-    pairs = sorted({(s, h) for s, h in zip(table["sku"].to_pylist(), table["source_phash"].to_pylist()) if s and h})
-    skus, hashes, buckets = [], [], []
-    for s, h in pairs:
-        for b in range(4):
-            skus.append(s)
-            hashes.append(h)
-            buckets.append(f"{b}:{h[4 * b : 4 * b + 4]}")
-    return pa.table({"sku": pa.array(skus, pa.string()), "source_phash": pa.array(hashes, pa.string()), "bucket": _bucket(buckets)})
+def _group_key(uris: list[str]) -> str:
+    """A journal group's name in the search files (a file belongs to one group)."""
+    return hashlib.sha256(uris[0].encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
-def _repeats_in_group(table: pa.Table) -> pa.Table:
-    found = variant_repeats(table.to_pylist())
-    return pa.table({
-        "sku": pa.array([k[0] for k in found], pa.string()), "recipe": pa.array([k[1] for k in found], pa.string()),
-        "variant": pa.array([k[2] for k in found], pa.int64()), "of": pa.array(list(found.values()), pa.int64()),
-    })  # fmt: skip
+def _bucket(keys, n: int) -> pa.Array:
+    return pa.array([zlib.crc32(k.encode("utf-8", "surrogatepass")) % n for k in keys], pa.int32())
 
 
-def _shared_in_group(table: pa.Table) -> pa.Table:
-    found = shared_sources(set(zip(table["sku"].to_pylist(), table["source_phash"].to_pylist())))
-    pairs = [(sku, other) for sku, others in found.items() for other in others[:SHARED_LIST_MAX]]
-    return pa.table({"sku": pa.array([a for a, _ in pairs], pa.string()), "other": pa.array([b for _, b in pairs], pa.string())})
+def _scatter_hashes(batch: pa.Table, storage: StorageConfig, prefix: str, shards: int) -> pa.Table:
+    (uris,) = batch["uris"].to_pylist()
+    group = _group_key(uris)
+    hashes = _variant_hashes(read_journal_group(uris, storage))
+    hashes = hashes.append_column("group", pa.array([group] * len(hashes), pa.string()))
+    prior_index.scatter(hashes.append_column("shard", _bucket(pc.fill_null(hashes["sku"], "").to_pylist(), shards)), join(prefix, "variants"), storage, group)
+    pairs = sorted({(s, h) for s, h in zip(hashes["sku"].to_pylist(), hashes["source_phash"].to_pylist()) if s and h})
+    bands = [(s, h, f"{b}:{h[4 * b : 4 * b + 4]}") for s, h in pairs for b in range(4)]
+    if bands:
+        table = pa.table({
+            "sku": pa.array([s for s, _, _ in bands], pa.string()), "source_phash": pa.array([h for _, h, _ in bands], pa.string()),
+            "group": pa.array([group] * len(bands), pa.string()), "shard": _bucket([v for *_, v in bands], shards),
+        })  # fmt: skip
+        prior_index.scatter(table, join(prefix, "bands"), storage, group)
+    return pa.table({"rows": pa.array([len(hashes)], pa.int64())})
+
+
+_FLAG_SCHEMA = pa.schema([("sku", pa.string()), ("recipe", pa.string()), ("variant", pa.int64()), ("of", pa.int64()), ("other", pa.string())])
+
+
+def _search_shards(batch: pa.Table, storage: StorageConfig, prefix: str) -> pa.Table:
+    repeated = pairs = 0
+    for shard in batch["id"].to_pylist():
+        flags: dict[str, list[dict]] = defaultdict(list)  # group -> its flag rows
+        # 1. Repeated variants: a SKU's rows (every attempt, every group) are all in its shard.
+        _, table = prior_index.read_fragments(join(prefix, "variants"), int(shard), storage)
+        if table is not None:
+            rows = table.to_pylist()
+            groups: dict[tuple, set[str]] = defaultdict(set)
+            for r in rows:
+                groups[(r["sku"], r["recipe"], int(r["variant"]))].add(r["group"])
+            found = variant_repeats(rows)
+            for key, of in found.items():
+                for g in groups[key]:
+                    flags[g].append({"sku": key[0], "recipe": key[1], "variant": key[2], "of": of})
+            repeated += len(found)
+        # 2. Shared source photos: every group holding a SKU's hash is where that hash's bands went.
+        _, table = prior_index.read_fragments(join(prefix, "bands"), int(shard), storage)
+        if table is not None:
+            sku_groups: dict[str, set[str]] = defaultdict(set)
+            for s, g in zip(table["sku"].to_pylist(), table["group"].to_pylist()):
+                sku_groups[s].add(g)
+            found_pairs = shared_sources(set(zip(table["sku"].to_pylist(), table["source_phash"].to_pylist())))
+            for sku, others in found_pairs.items():
+                for g in sku_groups[sku]:
+                    flags[g].extend({"sku": sku, "other": o} for o in others[:SHARED_LIST_MAX])
+                pairs += min(len(others), SHARED_LIST_MAX)
+        # 3. One file per group this shard flagged: its name is the shard's, so a retry overwrites it.
+        for g, rows in flags.items():
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(rows, schema=_FLAG_SCHEMA), buf, compression="zstd")
+            write_bytes(join(prefix, "flags", g, f"{int(shard):05d}.parquet"), buf.getvalue(), storage, prior_index.PARQUET)
+    return pa.table({"repeated": pa.array([repeated], pa.int64()), "pairs": pa.array([pairs], pa.int64())})
+
+
+def _read_journal_and_flag(batch: pa.Table, storage: StorageConfig, prefix: str) -> pa.Table:
+    """Each group's journal rows, flagged from the flag files written for that group."""
+    from pipelines.schema import OUTPUT_SCHEMA
+
+    out = []
+    for uris in batch["uris"].to_pylist():
+        table = read_journal_group(uris, storage)
+        files = list_objects(join(prefix, "flags", _group_key(uris)), storage)
+        flags = pa.concat_tables([pq.read_table(pa.BufferReader(read_bytes(u, storage))) for u in files]) if files else _FLAG_SCHEMA.empty_table()
+        out.append(_with_flag_table(table, flags))
+    return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 
 
 class _Flag:
@@ -181,38 +273,16 @@ def _with_flags(table: pa.Table, dup: pa.Array, share: pa.Array) -> pa.Table:
     return table.set_column(j, "shared_source_skus", share)
 
 
-# Per worker process: the flag tables behind the block references, read once.
-_FLAG_TABLES: dict[tuple, tuple[pa.Table, pa.Table]] = {}
-
-
-def _flag_tables(repeats: list, shared: list) -> tuple[pa.Table, pa.Table]:
-    """(key -> lower variant, sku -> sorted other skus) from the searches' blocks."""
-    import ray
-
-    cache_key = tuple(r.hex() for r in repeats) + ("|",) + tuple(r.hex() for r in shared)
-    if cache_key not in _FLAG_TABLES:
-        _FLAG_TABLES.clear()  # another run's flags: not needed again
-        rep = pa.concat_tables(ray.get(repeats)) if repeats else None
-        rep = pa.table({"key": _variant_key(rep), "of": pc.cast(rep["of"], pa.int32())}) if rep is not None and len(rep) else pa.table({"key": pa.array([], pa.string()), "of": pa.array([], pa.int32())})
-        pairs = pa.concat_tables(ray.get(shared)) if shared else None
-        if pairs is not None and len(pairs):
-            # The driver path's sorted(set(...))[:SHARED_LIST_MAX], in Arrow: unique pairs in
-            # (sku, other) order, listed per sku in that order, then cut.
-            pairs = pairs.group_by(["sku", "other"]).aggregate([]).sort_by([("sku", "ascending"), ("other", "ascending")])
-            lists = pairs.group_by("sku", use_threads=False).aggregate([("other", "list")])
-            share = pa.table({"sku": lists["sku"], "others": pc.list_slice(lists["other_list"], 0, SHARED_LIST_MAX)})
-        else:
-            share = pa.table({"sku": pa.array([], pa.string()), "others": pa.array([], pa.list_(pa.string()))})
-        _FLAG_TABLES[cache_key] = (rep.combine_chunks(), share.combine_chunks())
-    return _FLAG_TABLES[cache_key]
-
-
-def _variant_key(t: pa.Table):
-    return pc.binary_join_element_wise(t["sku"], t["recipe"], pc.cast(t["variant"], pa.string()), "\x00")
-
-
-def _flag_from_blocks(table: pa.Table, repeats: list, shared: list) -> pa.Table:
-    rep, share = _flag_tables(repeats, shared)
+def _with_flag_table(table: pa.Table, flags: pa.Table) -> pa.Table:
+    """`table` flagged from flag rows (_FLAG_SCHEMA): a repeat where `of` is set, a pair where
+    `other` is. The driver path's sorted(set(...))[:SHARED_LIST_MAX], in Arrow."""
+    rep = flags.filter(pc.is_valid(flags["of"]))
+    rep = pa.table({"key": _variant_key(rep), "of": pc.cast(rep["of"], pa.int32())})
+    pairs = flags.filter(pc.is_valid(flags["other"])).select(["sku", "other"])
+    # Unique pairs in (sku, other) order (a pair may come from two shards), listed per sku, cut.
+    pairs = pairs.group_by(["sku", "other"]).aggregate([]).sort_by([("sku", "ascending"), ("other", "ascending")])
+    lists = pairs.group_by("sku", use_threads=False).aggregate([("other", "list")])
+    share = pa.table({"sku": lists["sku"], "others": pc.list_slice(lists["other_list"], 0, SHARED_LIST_MAX)})
     is_variant = pc.fill_null(pc.equal(table["kind"], "variant"), False)
     dup = rep["of"].take(pc.index_in(_variant_key(table), value_set=rep["key"]))
     others = share["others"].take(pc.index_in(table["sku"], value_set=share["sku"]))
@@ -222,3 +292,7 @@ def _flag_from_blocks(table: pa.Table, repeats: list, shared: list) -> pa.Table:
     dup = pc.if_else(is_variant, dup, pa.nulls(len(table), pa.int32()))
     return _with_flags(table, dup.combine_chunks() if isinstance(dup, pa.ChunkedArray) else dup,
                        others.combine_chunks() if isinstance(others, pa.ChunkedArray) else others)  # fmt: skip
+
+
+def _variant_key(t: pa.Table):
+    return pc.binary_join_element_wise(t["sku"], t["recipe"], pc.cast(t["variant"], pa.string()), "\x00")

@@ -71,12 +71,19 @@ def scatter(table: pa.Table, prefix: str, storage: StorageConfig, task: str) -> 
         write_bytes(join(_fragments_dir(prefix, int(shards[start])), f"{task}.parquet"), buf.getvalue().to_pybytes(), storage, PARQUET)
 
 
+def read_fragments(prefix: str, shard: int, storage: StorageConfig) -> tuple[list[str], pa.Table | None]:
+    """(fragment URIs, their rows together) of one shard; (.., None) when none were scattered."""
+    fragments = list_objects(_fragments_dir(prefix, shard), storage)
+    if not fragments:
+        return [], None
+    return fragments, pa.concat_tables([pq.read_table(pa.BufferReader(read_bytes(u, storage))) for u in fragments], promote_options="default")
+
+
 def gather(shard: int, prefix: str, storage: StorageConfig, page_rows: int = PAGE_ROWS) -> int:
     """Merge a shard's fragments into its sorted pages and index; returns its rows (0: none)."""
-    fragments = list_objects(_fragments_dir(prefix, shard), storage)
-    if not fragments:  # none scattered here, or a retry of a gather that finished but was lost
+    fragments, table = read_fragments(prefix, shard, storage)
+    if table is None:  # none scattered here, or a retry of a gather that finished but was lost
         return sum(e[3] for e in json.loads(read_bytes(index_uri(prefix, shard), storage))) if exists(index_uri(prefix, shard), storage) else 0
-    table = pa.concat_tables([pq.read_table(pa.BufferReader(read_bytes(u, storage))) for u in fragments], promote_options="default")
     table = table.set_column(table.schema.get_field_index("sku"), "sku", pc.fill_null(table["sku"], ""))
     table = table.sort_by("sku")
     skus = table["sku"].to_pylist()

@@ -9,6 +9,7 @@ Output layout under OUT:
     RUN/_journal/aNNNN/*.parquet  rows as each batch finished, per attempt (deleted on commit):
                                   the passes after execution read the rows back from here
     RUN/_prior/aNNNN-*/shard-*    reusable rows resharded by sku, sorted, paged (deleted on commit)
+    RUN/_duplicates/aNNNN-*/      a large run's near-duplicate search (deleted on commit)
     RUN/_run.json                 written last: the run is committed when it exists
     RUN/report.html               the run's story at a glance (pipelines/report.py), after commit
     _latest                       the last committed run; moves only on success
@@ -41,12 +42,12 @@ from pipelines.manifest import check_columns
 from pipelines.model_store import ModelStore
 from pipelines.report import write_report
 from pipelines.plan import build_dataset, find_duplicate_skus, pool_stages
-from pipelines.duplicates import flag_duplicates
+from pipelines.duplicates import DUPLICATES, flag_duplicates
 from pipelines.hashes import DistinctHashes, hash64_array
 from pipelines.sink import ROWS_PER_FILE, dedupe_repeated_rows, write_tables
 from pipelines.stages import RunContext
 from pipelines.sources import DEFAULT_MAX_SOURCE_MB, DEFAULT_SOURCE_TIMEOUT_S, SourcePolicy, fetch_threads
-from pipelines.state import JOURNAL, LATEST, PRIOR, RUN_RECORD, PriorState, journal_attempts, journal_rows, load_prior, recipe_fingerprint
+from pipelines.state import JOURNAL, LATEST, PRIOR, RUN_RECORD, Journal, PriorState, journal_attempts, journal_rows, load_prior, recipe_fingerprint
 from pipelines.storage import StorageConfig, delete_objects, exists, join, list_objects, redact, write_bytes
 
 log = logging.getLogger(__name__)
@@ -201,11 +202,12 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     #    read the rows back from the journal.
     produced = execute(build_dataset(ctx, cfg.manifest, columns, catalog_plan))
     log.info("run %s: %d rows produced, %d of them variants", run_id, produced.rows, produced.variants)
-    rows = run_gate_retries(ctx, cfg.manifest, columns, plan, rows_per_block=cfg.part_rows)
+    run_gate_retries(ctx, cfg.manifest, columns, plan, rows_per_block=cfg.part_rows)
+    # The rows from here on are read back from the journal, flagged as they are read. A run
+    # that produced no variant (every fetch failed, say) has nothing to flag: its error rows
+    # go on to the summary and the error-rate check.
+    rows = flag_duplicates(Journal(ctx.run_prefix, ctx.attempt, storage, cfg.part_rows), n_variants=produced.variants)
     rows, folded = dedupe_repeated_rows(rows, duplicates)
-    # A run that produced no variant (every fetch failed, say) has nothing to flag: its error
-    # rows go on to the summary and the error-rate check.
-    rows = flag_duplicates(rows, n_variants=produced.variants)
     t_exec = time.perf_counter() - t0
     summary = _summarise(rows, run_id, run_prefix, time.perf_counter() - t0, attempt)
     summary.duplicate_rows = folded
@@ -250,7 +252,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     latest = {"run_id": run_id, "committed_utc": record["created_utc"]}
     write_bytes(join(output, LATEST), json.dumps(latest).encode(), storage, "application/json")
     try:  # the journal's rows are all in the committed tables now; the prior shards are spent
-        delete_objects([u for sub in (JOURNAL, PRIOR) for u in list_objects(join(run_prefix, sub), storage)], storage)
+        delete_objects([u for sub in (JOURNAL, PRIOR, DUPLICATES) for u in list_objects(join(run_prefix, sub), storage)], storage)
     except Exception as exc:  # noqa: BLE001 - leftovers are harmless: never read once committed
         log.warning("could not delete the journal of run %s: %s", run_id, exc)
     # 6. The report: after the commit, so it reads exactly what readers will; a report that

@@ -152,6 +152,36 @@ def journal_groups(files: list[str], rows_per_block: int) -> list[list[str]]:
     return groups
 
 
+@dataclasses.dataclass(frozen=True)
+class Journal:
+    """One attempt's journal, to be read back in blocks of about `rows_per_block` rows."""
+
+    run_prefix: str
+    attempt: int
+    storage: StorageConfig
+    rows_per_block: int
+
+    def groups(self) -> list[list[str]]:
+        """The journal files in the groups that become blocks (listed now: call once per pass
+        that must see the same blocks)."""
+        return journal_groups(sorted(journal_attempts(self.run_prefix, self.storage).get(self.attempt, [])), self.rows_per_block)
+
+    def rows(self):
+        return journal_rows(self.run_prefix, self.attempt, self.storage, self.rows_per_block)
+
+
+def journal_blocks(groups: list[list[str]]):
+    """A Dataset of one row per group of journal files (`uris`), one group a block: the source
+    that every pass over the journal maps whole blocks of.
+
+    Plain tasks read the files, not read_parquet: its footer-reader actors are spread over
+    every node, GPU nodes the autoscaler is about to remove included, and a read then fails
+    with its actor (seen in tests/cluster/test_autoscaling.py under load)."""
+    import ray
+
+    return ray.data.from_items([{"uris": g} for g in groups], override_num_blocks=len(groups))
+
+
 def journal_rows(run_prefix: str, attempt: int, storage: StorageConfig, rows_per_block: int):
     """This attempt's output rows as a lazy Dataset read back from its journal, so that no
     pass after execution holds the catalog's rows in the driver.
@@ -164,21 +194,21 @@ def journal_rows(run_prefix: str, attempt: int, storage: StorageConfig, rows_per
 
     from pipelines.schema import OUTPUT_SCHEMA
 
-    files = sorted(journal_attempts(run_prefix, storage).get(attempt, []))
-    if not files:
+    groups = Journal(run_prefix, attempt, storage, rows_per_block).groups()
+    if not groups:
         return ray.data.from_arrow(OUTPUT_SCHEMA.empty_table())
-    groups = journal_groups(files, rows_per_block)
-    # Plain tasks read the files, not read_parquet: its footer-reader actors are spread over
-    # every node, GPU nodes the autoscaler is about to remove included, and a read then fails
-    # with its actor (seen in tests/cluster/test_autoscaling.py under load).
-    sources = ray.data.from_items([{"uris": g} for g in groups], override_num_blocks=len(groups))
-    return sources.map_batches(_read_journal, fn_kwargs={"storage": storage}, batch_format="pyarrow", batch_size=None)
+    return journal_blocks(groups).map_batches(_read_journal, fn_kwargs={"storage": storage}, batch_format="pyarrow", batch_size=None)
+
+
+def read_journal_group(uris: list[str], storage: StorageConfig) -> pa.Table:
+    """One group's rows, conformed to today's output schema."""
+    from pipelines.schema import OUTPUT_SCHEMA
+
+    return _read_conformed(uris, storage, OUTPUT_SCHEMA)
 
 
 def _read_journal(batch: pa.Table, storage: StorageConfig) -> pa.Table:
-    from pipelines.schema import OUTPUT_SCHEMA
-
-    return _read_conformed([u for group in batch["uris"].to_pylist() for u in group], storage, OUTPUT_SCHEMA)
+    return read_journal_group([u for group in batch["uris"].to_pylist() for u in group], storage)
 
 
 def _read_variants(uris: list[str], storage: StorageConfig) -> pa.Table:

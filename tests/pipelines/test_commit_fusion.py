@@ -16,7 +16,7 @@ import pytest
 from pipelines.duplicates import flag_duplicates
 from pipelines.schema import OUTPUT_SCHEMA
 from pipelines.sink import write_tables, written_parts
-from pipelines.state import UNCOUNTED_JOURNAL_ROWS, attempt_dir, journal_file_name, journal_file_rows, journal_groups, journal_rows
+from pipelines.state import UNCOUNTED_JOURNAL_ROWS, Journal, attempt_dir, journal_file_name, journal_file_rows, journal_groups, journal_rows
 from pipelines.storage import StorageConfig
 
 
@@ -51,7 +51,7 @@ def test_journal_read_flags_and_write_run_as_one_task(ray_session, tmp_path, sea
     run_prefix = tmp_path / "run"
     rows = _journal(run_prefix, [24] * 9 + [7])  # 223 rows in 10 files
     storage = StorageConfig()
-    ds = flag_duplicates(journal_rows(str(run_prefix), 1, storage, rows_per_block=96), n_variants=len(rows) if search == "driver" else None)
+    ds = flag_duplicates(Journal(str(run_prefix), 1, storage, rows_per_block=96), n_variants=len(rows) if search == "driver" else None)
 
     parts = written_parts(ds, str(run_prefix), storage)
     written = sum(r["rows"] for r in parts.take_all())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -52,15 +53,20 @@ def test_repeated_variants_point_at_the_first():
     assert variant_repeats(rows) == {("S", "r", 2): 0}
 
 
-def test_the_distributed_search_flags_exactly_what_the_driver_search_does(ray_session):
-    """Large catalogs search on the workers (grouped by buckets), small ones on the driver:
-    both must flag the same rows. Real hashes: re-encoded copies shared across SKUs, a SKU
-    whose two variants repeat, and distinct products."""
+def test_the_search_through_storage_flags_exactly_what_the_driver_search_does(ray_session, tmp_path, monkeypatch):
+    """Large catalogs search on the workers through storage (sharded by SKU and by band value,
+    flags written to the journal group they apply to), small ones on the driver: both must
+    flag the same rows. Real hashes: re-encoded copies shared across SKUs, a SKU whose two
+    variants repeat, distinct products, and a retried variant whose attempts sit in different
+    journal groups (its last attempt decides; every attempt's row gets the flag)."""
     import pyarrow as pa
-    import ray
+    import pyarrow.parquet as pq
 
-    from pipelines.duplicates import flag_duplicates
+    from pipelines import duplicates
+    from pipelines.duplicates import DUPLICATES, flag_duplicates
     from pipelines.schema import OUTPUT_SCHEMA
+    from pipelines.state import Journal, attempt_dir, journal_file_name
+    from pipelines.storage import StorageConfig
 
     photos = [render_product(i, size=(160, 160)).photo for i in range(6)]
     rows = []
@@ -69,13 +75,28 @@ def test_the_distributed_search_flags_exactly_what_the_driver_search_does(ray_se
         for v in range(2):
             ph = _hash(photos[i % 6]) if i % 5 == 0 else _hash(render_product(200 + 2 * i + v, size=(160, 160)).photo)
             rows.append({"kind": "variant", "sku": f"S{i:02d}", "recipe": "r", "variant": v, "attempt": 1, "phash": ph, "source_phash": src})
-    rows.append({"kind": "error", "sku": "BAD", "recipe": None, "variant": None})
-    ds = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)).repartition(4)
+    # S07's variant 1 failed its gate and was retried: attempt 1 looked new, attempt 2 repeats
+    # variant 0. The retry's row comes last, in another journal group.
+    retried = next(r for r in rows if r["sku"] == "S07" and r["variant"] == 1)
+    rows.append({**retried, "attempt": 2, "phash": next(r["phash"] for r in rows if r["sku"] == "S07" and r["variant"] == 0)})
+    rows.insert(20, {"kind": "error", "sku": "BAD", "recipe": None, "variant": None})
+    run_prefix = tmp_path / "run"
+    for k in range(0, len(rows), 8):  # 8 journal files, 2 a group
+        batch = rows[k : k + 8]
+        path = Path(attempt_dir(str(run_prefix), 1)) / journal_file_name(f"{k:032x}", len(batch))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(batch, schema=OUTPUT_SCHEMA), path)
+    journal = Journal(str(run_prefix), 1, StorageConfig(), rows_per_block=16)
+    monkeypatch.setattr(duplicates, "SEARCH_ROWS", 16)  # 4 search shards
 
     def flags(n_rows):
-        out = flag_duplicates(ds, n_variants=n_rows).take_all()
-        return sorted((r["sku"], r["variant"], r["duplicate_of_variant"], tuple(r["shared_source_skus"] or ())) for r in out if r["kind"] == "variant")
+        out = flag_duplicates(journal, n_variants=n_rows).take_all()
+        assert len(out) == len(rows)
+        return sorted((r["sku"], r["variant"], r["attempt"], r["duplicate_of_variant"], tuple(r["shared_source_skus"] or ())) for r in out if r["kind"] == "variant")
 
     local, distributed = flags(len(rows)), flags(None)
     assert local == distributed
-    assert any(d is not None for _, _, d, _ in local) and any(s for *_, s in local)  # both kinds were found
+    assert any(d is not None for *_, d, _ in local) and any(s for *_, s in local)  # both kinds were found
+    assert [d for sku, v, _, d, _ in local if (sku, v) == ("S07", 1)] == [0, 0]  # both attempts' rows
+    # The search's files are under the run's _duplicates prefix: one search's, then deleted on commit.
+    assert len(list((run_prefix / DUPLICATES).iterdir())) == 1 and list((run_prefix / DUPLICATES).rglob("flags/*/*.parquet"))
