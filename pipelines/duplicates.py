@@ -37,6 +37,7 @@ import math
 import uuid
 import zlib
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -110,6 +111,7 @@ DUPLICATES = "_duplicates"  # this attempt's search files under the run prefix (
 LOCAL_ROWS = 20_000
 # Journal rows per search shard: one task's search, as Python rows (~100 MB at the bound).
 SEARCH_ROWS = 50_000
+_IO_THREADS = 8  # concurrent small reads and writes of flag files (object-store latency bound)
 
 
 def flag_duplicates(journal: Journal, n_variants: int | None = None):
@@ -230,11 +232,15 @@ def _search_shards(batch: pa.Table, storage: StorageConfig, prefix: str) -> pa.T
                 for g in sku_groups[sku]:
                     flags[g].extend({"sku": sku, "other": o} for o in others[:SHARED_LIST_MAX])
                 pairs += min(len(others), SHARED_LIST_MAX)
-        # 3. One file per group this shard flagged: its name is the shard's, so a retry overwrites it.
-        for g, rows in flags.items():
+        # 3. One file per group this shard flagged (concurrently: up to a file per group); its
+        #    name is the shard's, so a retried task overwrites its own.
+        def write(item, shard=int(shard)):
             buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(rows, schema=_FLAG_SCHEMA), buf, compression="zstd")
-            write_bytes(join(prefix, "flags", g, f"{int(shard):05d}.parquet"), buf.getvalue(), storage, prior_index.PARQUET)
+            pq.write_table(pa.Table.from_pylist(item[1], schema=_FLAG_SCHEMA), buf, compression="zstd")
+            write_bytes(join(prefix, "flags", item[0], f"{shard:05d}.parquet"), buf.getvalue(), storage, prior_index.PARQUET)
+
+        with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
+            list(pool.map(write, flags.items()))
     return pa.table({"repeated": pa.array([repeated], pa.int64()), "pairs": pa.array([pairs], pa.int64())})
 
 
@@ -245,8 +251,10 @@ def _read_journal_and_flag(batch: pa.Table, storage: StorageConfig, prefix: str)
     out = []
     for uris in batch["uris"].to_pylist():
         table = read_journal_group(uris, storage)
-        files = list_objects(join(prefix, "flags", _group_key(uris)), storage)
-        flags = pa.concat_tables([pq.read_table(pa.BufferReader(read_bytes(u, storage))) for u in files]) if files else _FLAG_SCHEMA.empty_table()
+        files = list_objects(join(prefix, "flags", _group_key(uris)), storage)  # a file per search shard that flagged one of its rows
+        with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
+            parts = list(pool.map(lambda u: pq.read_table(pa.BufferReader(read_bytes(u, storage))), files))
+        flags = pa.concat_tables(parts) if parts else _FLAG_SCHEMA.empty_table()
         out.append(_with_flag_table(table, flags))
     return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 

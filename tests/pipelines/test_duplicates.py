@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import io
 import itertools
-from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from PIL import Image
 
 from ops.scores import phash, phash_distance
@@ -53,7 +53,8 @@ def test_repeated_variants_point_at_the_first():
     assert variant_repeats(rows) == {("S", "r", 2): 0}
 
 
-def test_the_search_through_storage_flags_exactly_what_the_driver_search_does(ray_session, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_search_through_storage_flags_exactly_what_the_driver_search_does(ray_session, tmp_path, monkeypatch, request, where):
     """Large catalogs search on the workers through storage (sharded by SKU and by band value,
     flags written to the journal group they apply to), small ones on the driver: both must
     flag the same rows. Real hashes: re-encoded copies shared across SKUs, a SKU whose two
@@ -66,7 +67,7 @@ def test_the_search_through_storage_flags_exactly_what_the_driver_search_does(ra
     from pipelines.duplicates import DUPLICATES, flag_duplicates
     from pipelines.schema import OUTPUT_SCHEMA
     from pipelines.state import Journal, attempt_dir, journal_file_name
-    from pipelines.storage import StorageConfig
+    from pipelines.storage import StorageConfig, join, list_objects, write_bytes
 
     photos = [render_product(i, size=(160, 160)).photo for i in range(6)]
     rows = []
@@ -80,13 +81,16 @@ def test_the_search_through_storage_flags_exactly_what_the_driver_search_does(ra
     retried = next(r for r in rows if r["sku"] == "S07" and r["variant"] == 1)
     rows.append({**retried, "attempt": 2, "phash": next(r["phash"] for r in rows if r["sku"] == "S07" and r["variant"] == 0)})
     rows.insert(20, {"kind": "error", "sku": "BAD", "recipe": None, "variant": None})
-    run_prefix = tmp_path / "run"
+    if where == "s3":
+        run_prefix, storage = f"s3://{request.getfixturevalue('bucket')}/run", StorageConfig(endpoint_url=request.getfixturevalue("s3_endpoint"), region="us-east-1")
+    else:
+        run_prefix, storage = str(tmp_path / "run"), StorageConfig()
     for k in range(0, len(rows), 8):  # 8 journal files, 2 a group
         batch = rows[k : k + 8]
-        path = Path(attempt_dir(str(run_prefix), 1)) / journal_file_name(f"{k:032x}", len(batch))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(batch, schema=OUTPUT_SCHEMA), path)
-    journal = Journal(str(run_prefix), 1, StorageConfig(), rows_per_block=16)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(batch, schema=OUTPUT_SCHEMA), buf)
+        write_bytes(join(attempt_dir(run_prefix, 1), journal_file_name(f"{k:032x}", len(batch))), buf.getvalue(), storage)
+    journal = Journal(run_prefix, 1, storage, rows_per_block=16)
     monkeypatch.setattr(duplicates, "SEARCH_ROWS", 16)  # 4 search shards
 
     def flags(n_rows):
@@ -99,4 +103,6 @@ def test_the_search_through_storage_flags_exactly_what_the_driver_search_does(ra
     assert any(d is not None for *_, d, _ in local) and any(s for *_, s in local)  # both kinds were found
     assert [d for sku, v, _, d, _ in local if (sku, v) == ("S07", 1)] == [0, 0]  # both attempts' rows
     # The search's files are under the run's _duplicates prefix: one search's, then deleted on commit.
-    assert len(list((run_prefix / DUPLICATES).iterdir())) == 1 and list((run_prefix / DUPLICATES).rglob("flags/*/*.parquet"))
+    root = join(run_prefix, DUPLICATES)
+    written = [u[len(root) + 1 :].split("/") for u in list_objects(root, storage)]
+    assert len({w[0] for w in written}) == 1 and any(w[1] == "flags" for w in written)
