@@ -14,39 +14,38 @@ sharing a band value are compared.
 Small runs search on the driver. Large ones search on the workers through storage, under
 `OUT/<run>/_duplicates/aNNNN-<id>/` (deleted on commit, like the journal):
 
-    variants/shard-NNNNN/<group>.parquet  hash rows of one journal group, by the SKU's shard
-    bands/shard-NNNNN/<group>.parquet     (sku, source hash, group) once per band value, by
-                                          the band value's shard
-    flags/<group>/NNNNN.parquet           what search shard NNNNN found for that group's rows
+    variants/scatter/shard-NNNNN/<task>.parquet  hash rows (with their journal group), by SKU shard
+    bands/scatter/shard-NNNNN/<task>.parquet     (sku, source hash, group) once per band value,
+                                                 by the band value's shard
+    flags/shard-NNNNN.pages + .index.json        what search shard NNNNN found, as one page per
+                                                 journal group it applies to (pipelines/prior_index.py)
 
-1. every journal group (the blocks the commit writes) scatters its hash rows;
-2. every shard is searched by one task, which writes each flag to the groups holding rows it
-   applies to;
-3. the commit's fused task reads its own group's flags (one listing, a few small reads).
+1. scatter tasks of ~SCATTER_ROWS journal rows write their hash rows by shard;
+2. one task per shard searches it and pages its flags by the journal group they apply to;
+3. the commit's fused task reads the shard indexes (once per worker) and the pages of its own
+   group: one ranged read per shard that flagged one of its rows.
 
 Why not a Ray shuffle: `groupby(...).map_groups` holds every hash row, and its results, in the
-object store (15.4 MB at 100k SKUs, ~2 GB at 10M). Here only row counts pass through it.
+object store (15.4 MB at 100k SKUs, ~2 GB at 10M). Here only counts pass through it. The
+files written are 2 x scatter tasks x shards fragments plus two per shard: ~700 at 1M rows,
+~60k at 10M (as the prior state's scatter).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import uuid
-import zlib
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ops.scores import phash_distance
 from pipelines import prior_index
-from pipelines.state import Journal, journal_blocks, journal_file_rows, read_journal_group
-from pipelines.storage import StorageConfig, delete_objects, join, list_objects, read_bytes, write_bytes
+from pipelines.state import SCATTER_ROWS, Journal, journal_blocks, journal_file_rows, read_journal_group, shard_of, with_shards
+from pipelines.storage import StorageConfig, delete_objects, join, list_objects
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,6 @@ DUPLICATES = "_duplicates"  # this attempt's search files under the run prefix (
 LOCAL_ROWS = 20_000
 # Journal rows per search shard: one task's search, as Python rows (~100 MB at the bound).
 SEARCH_ROWS = 50_000
-_IO_THREADS = 8  # concurrent small reads and writes of flag files (object-store latency bound)
 
 
 def flag_duplicates(journal: Journal, n_variants: int | None = None):
@@ -158,22 +156,27 @@ def _flag_through_storage(journal: Journal):
         delete_objects(stale, storage)
     # Unique per search: a retried commit task must never read another search's flags.
     prefix = join(journal.run_prefix, DUPLICATES, f"a{journal.attempt:04d}-{uuid.uuid4().hex[:12]}")
-    shards = max(1, math.ceil(sum(journal_file_rows(u) for g in groups for u in g) / SEARCH_ROWS))
+    rows = sum(journal_file_rows(u) for g in groups for u in g)
+    shards = max(1, math.ceil(rows / SEARCH_ROWS))
     blocks = journal_blocks(groups)
 
-    # 1. Scatter: each group's hash rows by SKU shard, its (sku, source hash) pairs by band.
-    scatter = blocks.map_batches(_scatter_hashes, fn_kwargs={"storage": storage, "prefix": prefix, "shards": shards}, batch_format="pyarrow", batch_size=1)
+    # 1. Scatter: hash rows by SKU shard, (sku, source hash, group) by band value's shard. A task
+    #    reads ~SCATTER_ROWS rows (several groups): tasks x shards fragments are written.
+    per_task = max(1, round(SCATTER_ROWS * len(groups) / max(rows, 1)))
+    scatter = blocks.map_batches(_scatter_hashes, fn_kwargs={"storage": storage, "prefix": prefix, "shards": shards}, batch_format="pyarrow", batch_size=per_task)
     hashed = sum(int(b["rows"].sum()) for b in scatter.iter_batches(batch_size=None, batch_format="numpy"))
-    # 2. Search each shard; flags go to the groups they apply to.
+    # 2. Search each shard; its flags become pages keyed by the journal group they apply to.
     search = ray.data.range(shards, override_num_blocks=min(shards, 64))
     search = search.map_batches(_search_shards, fn_kwargs={"storage": storage, "prefix": prefix}, batch_format="pyarrow", batch_size=1)
     repeated = pairs = 0
+    flagged: list[int] = []
     for b in search.iter_batches(batch_size=None, batch_format="numpy"):
         repeated, pairs = repeated + int(b["repeated"].sum()), pairs + int(b["pairs"].sum())
+        flagged += [int(s) for s, n in zip(b["shard"], b["flag_rows"]) if n]
     log.info("near-duplicates: %d variant rows searched in %d shards; %d repeated variants, %d (sku, other sku) pairs sharing a source photo "
              "(a pair sharing two band values counts in both shards)", hashed, shards, repeated, pairs)  # fmt: skip
-    # 3. The rows, each group flagged from its own flag files in the task that reads it.
-    return blocks.map_batches(_read_journal_and_flag, fn_kwargs={"storage": storage, "prefix": prefix}, batch_format="pyarrow", batch_size=None)
+    # 3. The rows, each group flagged from its pages in the task that reads it.
+    return blocks.map_batches(_read_journal_and_flag, fn_kwargs={"storage": storage, "prefix": prefix, "shards": sorted(flagged)}, batch_format="pyarrow", batch_size=None)
 
 
 def _group_key(uris: list[str]) -> str:
@@ -181,34 +184,34 @@ def _group_key(uris: list[str]) -> str:
     return hashlib.sha256(uris[0].encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
-def _bucket(keys, n: int) -> pa.Array:
-    return pa.array([zlib.crc32(k.encode("utf-8", "surrogatepass")) % n for k in keys], pa.int32())
-
-
 def _scatter_hashes(batch: pa.Table, storage: StorageConfig, prefix: str, shards: int) -> pa.Table:
-    (uris,) = batch["uris"].to_pylist()
-    group = _group_key(uris)
-    hashes = _variant_hashes(read_journal_group(uris, storage))
-    hashes = hashes.append_column("group", pa.array([group] * len(hashes), pa.string()))
-    prior_index.scatter(hashes.append_column("shard", _bucket(pc.fill_null(hashes["sku"], "").to_pylist(), shards)), join(prefix, "variants"), storage, group)
-    pairs = sorted({(s, h) for s, h in zip(hashes["sku"].to_pylist(), hashes["source_phash"].to_pylist()) if s and h})
-    bands = [(s, h, f"{b}:{h[4 * b : 4 * b + 4]}") for s, h in pairs for b in range(4)]
+    groups = batch["uris"].to_pylist()
+    tables = []
+    for uris in groups:
+        t = _variant_hashes(read_journal_group(uris, storage))
+        tables.append(t.append_column("group", pa.array([_group_key(uris)] * len(t), pa.string())))
+    hashes = pa.concat_tables(tables)
+    task = _group_key(groups[0])  # names the fragments: a retried task overwrites its own
+    prior_index.scatter(with_shards(hashes, shards), join(prefix, "variants"), storage, task)
+    triples = sorted({t for t in zip(hashes["sku"].to_pylist(), hashes["source_phash"].to_pylist(), hashes["group"].to_pylist()) if t[0] and t[1]})
+    bands = [(s, h, g, f"{b}:{h[4 * b : 4 * b + 4]}") for s, h, g in triples for b in range(4)]
     if bands:
         table = pa.table({
-            "sku": pa.array([s for s, _, _ in bands], pa.string()), "source_phash": pa.array([h for _, h, _ in bands], pa.string()),
-            "group": pa.array([group] * len(bands), pa.string()), "shard": _bucket([v for *_, v in bands], shards),
+            "sku": pa.array([s for s, *_ in bands], pa.string()), "source_phash": pa.array([h for _, h, *_ in bands], pa.string()),
+            "group": pa.array([g for *_, g, _ in bands], pa.string()), "shard": pa.array([shard_of(v, shards) for *_, v in bands], pa.int32()),
         })  # fmt: skip
-        prior_index.scatter(table, join(prefix, "bands"), storage, group)
+        prior_index.scatter(table, join(prefix, "bands"), storage, task)
     return pa.table({"rows": pa.array([len(hashes)], pa.int64())})
 
 
-_FLAG_SCHEMA = pa.schema([("sku", pa.string()), ("recipe", pa.string()), ("variant", pa.int64()), ("of", pa.int64()), ("other", pa.string())])
+_FLAG_SCHEMA = pa.schema([("group", pa.string()), ("sku", pa.string()), ("recipe", pa.string()), ("variant", pa.int64()), ("of", pa.int64()), ("other", pa.string())])
 
 
 def _search_shards(batch: pa.Table, storage: StorageConfig, prefix: str) -> pa.Table:
-    repeated = pairs = 0
+    out = {"shard": [], "repeated": [], "pairs": [], "flag_rows": []}
     for shard in batch["id"].to_pylist():
-        flags: dict[str, list[dict]] = defaultdict(list)  # group -> its flag rows
+        flags: list[dict] = []
+        repeated = pairs = 0
         # 1. Repeated variants: a SKU's rows (every attempt, every group) are all in its shard.
         _, table = prior_index.read_fragments(join(prefix, "variants"), int(shard), storage)
         if table is not None:
@@ -217,10 +220,8 @@ def _search_shards(batch: pa.Table, storage: StorageConfig, prefix: str) -> pa.T
             for r in rows:
                 groups[(r["sku"], r["recipe"], int(r["variant"]))].add(r["group"])
             found = variant_repeats(rows)
-            for key, of in found.items():
-                for g in groups[key]:
-                    flags[g].append({"sku": key[0], "recipe": key[1], "variant": key[2], "of": of})
-            repeated += len(found)
+            flags += [{"group": g, "sku": k[0], "recipe": k[1], "variant": k[2], "of": of} for k, of in found.items() for g in groups[k]]
+            repeated = len(found)
         # 2. Shared source photos: every group holding a SKU's hash is where that hash's bands went.
         _, table = prior_index.read_fragments(join(prefix, "bands"), int(shard), storage)
         if table is not None:
@@ -229,33 +230,26 @@ def _search_shards(batch: pa.Table, storage: StorageConfig, prefix: str) -> pa.T
                 sku_groups[s].add(g)
             found_pairs = shared_sources(set(zip(table["sku"].to_pylist(), table["source_phash"].to_pylist())))
             for sku, others in found_pairs.items():
-                for g in sku_groups[sku]:
-                    flags[g].extend({"sku": sku, "other": o} for o in others[:SHARED_LIST_MAX])
+                flags += [{"group": g, "sku": sku, "other": o} for g in sku_groups[sku] for o in others[:SHARED_LIST_MAX]]
                 pairs += min(len(others), SHARED_LIST_MAX)
-        # 3. One file per group this shard flagged (concurrently: up to a file per group); its
-        #    name is the shard's, so a retried task overwrites its own.
-        def write(item, shard=int(shard)):
-            buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(item[1], schema=_FLAG_SCHEMA), buf, compression="zstd")
-            write_bytes(join(prefix, "flags", item[0], f"{shard:05d}.parquet"), buf.getvalue(), storage, prior_index.PARQUET)
-
-        with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
-            list(pool.map(write, flags.items()))
-    return pa.table({"repeated": pa.array([repeated], pa.int64()), "pairs": pa.array([pairs], pa.int64())})
+        # 3. The shard's flags as pages of one group each (one file and its index per shard).
+        if flags:
+            prior_index.write_pages(pa.Table.from_pylist(flags, schema=_FLAG_SCHEMA), join(prefix, "flags"), int(shard), storage, page_rows=1, key="group")
+        for k, v in (("shard", shard), ("repeated", repeated), ("pairs", pairs), ("flag_rows", len(flags))):
+            out[k].append(v)
+    return pa.table({k: pa.array(v, pa.int64()) for k, v in out.items()})
 
 
-def _read_journal_and_flag(batch: pa.Table, storage: StorageConfig, prefix: str) -> pa.Table:
-    """Each group's journal rows, flagged from the flag files written for that group."""
+def _read_journal_and_flag(batch: pa.Table, storage: StorageConfig, prefix: str, shards: list[int]) -> pa.Table:
+    """Each group's journal rows, flagged from the pages written for that group (the shard
+    indexes say which shards hold one: only those pages are read)."""
     from pipelines.schema import OUTPUT_SCHEMA
 
     out = []
     for uris in batch["uris"].to_pylist():
         table = read_journal_group(uris, storage)
-        files = list_objects(join(prefix, "flags", _group_key(uris)), storage)  # a file per search shard that flagged one of its rows
-        with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
-            parts = list(pool.map(lambda u: pq.read_table(pa.BufferReader(read_bytes(u, storage))), files))
-        flags = pa.concat_tables(parts) if parts else _FLAG_SCHEMA.empty_table()
-        out.append(_with_flag_table(table, flags))
+        found = prior_index.rows_in_shards(join(prefix, "flags"), storage, shards, _group_key(uris), key="group")
+        out.append(_with_flag_table(table, pa.concat_tables(found) if found else _FLAG_SCHEMA.empty_table()))
     return pa.concat_tables(out) if out else OUTPUT_SCHEMA.empty_table()
 
 

@@ -84,25 +84,31 @@ def gather(shard: int, prefix: str, storage: StorageConfig, page_rows: int = PAG
     fragments, table = read_fragments(prefix, shard, storage)
     if table is None:  # none scattered here, or a retry of a gather that finished but was lost
         return sum(e[3] for e in json.loads(read_bytes(index_uri(prefix, shard), storage))) if exists(index_uri(prefix, shard), storage) else 0
-    table = table.set_column(table.schema.get_field_index("sku"), "sku", pc.fill_null(table["sku"], ""))
-    table = table.sort_by("sku")
-    skus = table["sku"].to_pylist()
+    rows = write_pages(table, prefix, shard, storage, page_rows)
+    delete_objects(fragments, storage)
+    return rows
+
+
+def write_pages(table: pa.Table, prefix: str, shard: int, storage: StorageConfig, page_rows: int = PAGE_ROWS, key: str = "sku") -> int:
+    """`table` as one shard's pages (sorted by `key`; a key's rows in one page) and index."""
+    table = table.set_column(table.schema.get_field_index(key), key, pc.fill_null(table[key], ""))
+    table = table.sort_by(key)
+    keys = table[key].to_pylist()
     blob = bytearray()
     index = []
     start = 0
-    while start < len(skus):
-        end = min(start + page_rows, len(skus))
-        while end < len(skus) and skus[end] == skus[end - 1]:  # a sku's rows stay in one page
+    while start < len(keys):
+        end = min(start + page_rows, len(keys))
+        while end < len(keys) and keys[end] == keys[end - 1]:  # a key's rows stay in one page
             end += 1
         raw = _ipc_bytes(table.slice(start, end - start))
         page = _CODEC.compress(raw, asbytes=True)
-        index.append([skus[start], len(blob), len(page), end - start, len(raw)])
+        index.append([keys[start], len(blob), len(page), end - start, len(raw)])
         blob += page
         start = end
     write_bytes(pages_uri(prefix, shard), bytes(blob), storage)
     write_bytes(index_uri(prefix, shard), json.dumps(index).encode(), storage, "application/json")
-    delete_objects(fragments, storage)
-    return len(skus)
+    return len(keys)
 
 
 _CODEC = pa.Codec("lz4")  # one frame per page: IPC's own per-buffer compression costs ~0.4 ms more per read
@@ -164,21 +170,25 @@ def _load_index(prefix: str, shard: int, storage: StorageConfig) -> _PageIndex:
 
 
 class _Page:
-    """One decoded page: its rows in Arrow (sorted by sku); only the rows asked for become dicts."""
+    """One decoded page: its rows in Arrow (sorted by `key`); only the rows asked for become dicts."""
 
-    def __init__(self, data: bytes, raw_size: int):
+    def __init__(self, data: bytes, raw_size: int, key: str):
         self.table = pa.ipc.open_stream(_CODEC.decompress(data, decompressed_size=raw_size)).read_all()
-        self.skus = self.table["sku"].to_pylist()
+        self.keys = self.table[key].to_pylist()
 
-    def rows(self, sku: str) -> list[dict[str, Any]]:
-        lo = bisect.bisect_left(self.skus, sku)
-        hi = bisect.bisect_right(self.skus, sku, lo)
-        return self.table.slice(lo, hi - lo).to_pylist() if hi > lo else []
+    def slice(self, value: str) -> pa.Table:
+        lo = bisect.bisect_left(self.keys, value)
+        hi = bisect.bisect_right(self.keys, value, lo)
+        return self.table.slice(lo, hi - lo)
+
+    def rows(self, value: str) -> list[dict[str, Any]]:
+        found = self.slice(value)
+        return found.to_pylist() if len(found) else []
 
 
-def _load_page(index: _PageIndex, page: int, storage: StorageConfig) -> _Page:
+def _load_page(index: _PageIndex, page: int, storage: StorageConfig, key: str) -> _Page:
     _, offset, length, _, raw_size = index.entries[page]
-    value = _Page(read_range(index.uri, storage, offset, length), raw_size)
+    value = _Page(read_range(index.uri, storage, offset, length), raw_size, key)
     _cache_put(_pages, (index.uri, page), value, _CACHED_PAGES)
     return value
 
@@ -186,24 +196,39 @@ def _load_page(index: _PageIndex, page: int, storage: StorageConfig) -> _Page:
 def lookup(prefix: str, storage: StorageConfig, shard_skus: dict[int, list[str]]) -> dict[str, list[dict[str, Any]]]:
     """{sku: its rows} for the skus of each shard, reading (concurrently) only the shard
     indexes and pages not already cached on this worker."""
+    wanted, pages = _pages_for(prefix, storage, shard_skus, "sku")
+    return {sku: pages[k].rows(sku) for k, skus in wanted.items() for sku in skus}
+
+
+def rows_in_shards(prefix: str, storage: StorageConfig, shards: list[int], value: str, key: str) -> list[pa.Table]:
+    """The rows whose `key` is `value`, from each of `shards`, as Arrow tables. The shards'
+    pages were written by write_pages with that key and `page_rows=1` (a page per key value),
+    so the index alone tells which shards hold the value: only their pages are read."""
+    wanted, pages = _pages_for(prefix, storage, {s: [value] for s in shards}, key, exact=True)
+    return [t for k in wanted if len(t := pages[k].slice(value))]
+
+
+def _pages_for(prefix: str, storage: StorageConfig, shard_keys: dict[int, list[str]], key: str, exact: bool = False):
+    """({(shard index, page): the keys wanted from it}, {(shard index, page): the page}).
+    `exact`: only pages that start with a wanted key (pages of one key value each)."""
     # 1. Each shard's page index.
-    indexes = {s: _cache_get(_indexes, pages_uri(prefix, s)) for s in shard_skus}
+    indexes = {s: _cache_get(_indexes, pages_uri(prefix, s)) for s in shard_keys}
     missing = [s for s, v in indexes.items() if v is None]
-    with ThreadPoolExecutor(max_workers=max(1, min(_LOOKUP_THREADS, len(shard_skus)))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(_LOOKUP_THREADS, len(shard_keys)))) as pool:
         for s, value in zip(missing, pool.map(lambda s: _load_index(prefix, s, storage), missing)):
             indexes[s] = value
-        # 2. The page each sku falls in, read unless cached.
+        # 2. The page each key falls in, read unless cached.
         wanted: dict[tuple[_PageIndex, int], list[str]] = {}
-        for s, skus in shard_skus.items():
-            for sku in skus:
-                page = indexes[s].page_of(sku)
-                if page >= 0:
-                    wanted.setdefault((indexes[s], page), []).append(sku)
+        for s, values in shard_keys.items():
+            for v in values:
+                page = indexes[s].page_of(v)
+                if page >= 0 and (not exact or indexes[s].entries[page][0] == v):
+                    wanted.setdefault((indexes[s], page), []).append(v)
         pages = {k: _cache_get(_pages, (k[0].uri, k[1])) for k in wanted}
         missing_pages = [k for k, v in pages.items() if v is None]
-        for k, value in zip(missing_pages, pool.map(lambda k: _load_page(*k, storage), missing_pages)):
+        for k, value in zip(missing_pages, pool.map(lambda k: _load_page(*k, storage, key), missing_pages)):
             pages[k] = value
-    return {sku: pages[k].rows(sku) for k, skus in wanted.items() for sku in skus}
+    return wanted, pages
 
 
 def clear_cache() -> None:

@@ -92,6 +92,7 @@ def test_the_search_through_storage_flags_exactly_what_the_driver_search_does(ra
         write_bytes(join(attempt_dir(run_prefix, 1), journal_file_name(f"{k:032x}", len(batch))), buf.getvalue(), storage)
     journal = Journal(run_prefix, 1, storage, rows_per_block=16)
     monkeypatch.setattr(duplicates, "SEARCH_ROWS", 16)  # 4 search shards
+    monkeypatch.setattr(duplicates, "SCATTER_ROWS", 24)  # scatter tasks of 2 groups
 
     def flags(n_rows):
         out = flag_duplicates(journal, n_variants=n_rows).take_all()
