@@ -223,6 +223,8 @@ def _search_shards(batch: pa.Table, storage: StorageConfig, prefix: str) -> pa.T
             flags += [{"group": g, "sku": k[0], "recipe": k[1], "variant": k[2], "of": of} for k, of in found.items() for g in groups[k]]
             repeated = len(found)
         # 2. Shared source photos: every group holding a SKU's hash is where that hash's bands went.
+        #    (The flag reaches the rows whose source hash matched; the driver path flags all of
+        #    the SKU's rows. They agree: a run keeps one manifest row, so one source, per SKU.)
         _, table = prior_index.read_fragments(join(prefix, "bands"), int(shard), storage)
         if table is not None:
             sku_groups: dict[str, set[str]] = defaultdict(set)
