@@ -99,14 +99,12 @@ def read_manifest(uri: str, storage: StorageConfig, columns: list[str], *, chunk
     fs, path = arrow_filesystem(uri, storage)
     size = chunk_rows and reads_in_ranges(uri, storage)
     if size:
-        step = max(1, int(chunk_rows * _bytes_per_line(fs, path)))
-        n, k = math.ceil(size / step), max(1, ranges_per_block)
-        # Descriptor ids, k a block, made by the read tasks as they are scheduled: from_items
-        # put every block in the object store up front (~1.7 KB a block: 130 MB at 10M rows).
-        return ray.data.range(n * k, override_num_blocks=n).map_batches(
-            _read_jsonl_ranges, fn_kwargs={"uri": uri, "storage": storage, "size": size, "step": step, "k": k},
-            batch_format="pyarrow", batch_size=None, num_cpus=num_cpus,
-        )  # fmt: skip
+        chunks = byte_ranges(size, chunk_rows * _bytes_per_line(fs, path))
+        k = max(1, ranges_per_block)
+        items = [{"start": a + (b - a) * i // k, "end": a + (b - a) * (i + 1) // k} for a, b in chunks for i in range(k)]
+        return ray.data.from_items(items, override_num_blocks=len(chunks)).map_batches(
+            _read_jsonl_ranges, fn_kwargs={"uri": uri, "storage": storage}, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus
+        )
     if fmt == "jsonl":
         return ray.data.read_text(path, filesystem=fs).map_batches(_parse_jsonl_lines, batch_format="pyarrow", num_cpus=num_cpus)
     if fmt == "csv":
@@ -139,21 +137,13 @@ def _bytes_per_line(fs, path: str, sample: int = 1 << 20) -> int:
     return max(1, len(head) // max(1, head.count(b"\n")))
 
 
-def descriptor_range(i: int, size: int, step: int, k: int) -> tuple[int, int]:
-    """Byte range of descriptor id `i`: the (i % k)-th of k parts of chunk i // k, the chunks
-    being byte_ranges(size, step)."""
-    a = (i // k) * step
-    b = min(a + step, size)
-    return a + (b - a) * (i % k) // k, a + (b - a) * (i % k + 1) // k
-
-
-def _read_jsonl_ranges(batch, uri: str, storage: StorageConfig, size: int, step: int, k: int):
+def _read_jsonl_ranges(batch, uri: str, storage: StorageConfig):
     import pyarrow as pa
 
     fs, path = arrow_filesystem(uri, storage)
     # Contiguous ranges are read as one (one request per chunk on S3).
     spans: list[list[int]] = []
-    for start, end in sorted(descriptor_range(i, size, step, k) for i in batch["id"].to_pylist()):
+    for start, end in sorted(zip(batch["start"].to_pylist(), batch["end"].to_pylist())):
         if spans and spans[-1][1] == start:
             spans[-1][1] = end
         else:
