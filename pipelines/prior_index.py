@@ -1,5 +1,6 @@
 """Prior rows as shards of sorted pages: built on the workers through storage, read by point
-lookups.
+lookups. (The near-duplicate search pages its flags the same way, keyed by journal group
+instead of sku: `write_pages(..., key=)`, `rows_in_shards`; pipelines/duplicates.py.)
 
 Layout under one load's prefix (`OUT/<run>/_prior/aNNNN-<id>/`):
 
