@@ -136,9 +136,19 @@ def flag_duplicates(journal: Journal, n_variants: int | None = None):
     return rows.map_batches(_Flag(repeats_found, {k: v[:SHARED_LIST_MAX] for k, v in shared_found.items()}), batch_format="pyarrow", batch_size=None)
 
 
+_HASH_COLUMNS = ["sku", "recipe", "variant", "attempt", "phash", "source_phash"]
+
+
 def _variant_hashes(table: pa.Table) -> pa.Table:
     t = table.filter(pc.fill_null(pc.equal(table["kind"], "variant"), False))
-    return t.select(["sku", "recipe", "variant", "attempt", "phash", "source_phash"])
+    return t.select(_HASH_COLUMNS)
+
+
+def _hash_schema() -> pa.Schema:
+    """The journal columns the search reads (of ~70)."""
+    from pipelines.schema import OUTPUT_SCHEMA
+
+    return pa.schema([OUTPUT_SCHEMA.field(n) for n in ["kind", *_HASH_COLUMNS]])
 
 
 # ---------------------------------------------------------------------------- through storage
@@ -188,7 +198,7 @@ def _scatter_hashes(batch: pa.Table, storage: StorageConfig, prefix: str, shards
     groups = batch["uris"].to_pylist()
     tables = []
     for uris in groups:
-        t = _variant_hashes(read_journal_group(uris, storage))
+        t = _variant_hashes(read_journal_group(uris, storage, _hash_schema()))
         tables.append(t.append_column("group", pa.array([_group_key(uris)] * len(t), pa.string())))
     hashes = pa.concat_tables(tables)
     task = _group_key(groups[0])  # names the fragments: a retried task overwrites its own

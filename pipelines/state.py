@@ -200,11 +200,12 @@ def journal_rows(run_prefix: str, attempt: int, storage: StorageConfig, rows_per
     return journal_blocks(groups).map_batches(_read_journal, fn_kwargs={"storage": storage}, batch_format="pyarrow", batch_size=None)
 
 
-def read_journal_group(uris: list[str], storage: StorageConfig) -> pa.Table:
-    """One group's rows, conformed to today's output schema."""
+def read_journal_group(uris: list[str], storage: StorageConfig, schema: pa.Schema | None = None) -> pa.Table:
+    """One group's rows, conformed to today's output schema (or to `schema`, a part of it:
+    only those columns are read)."""
     from pipelines.schema import OUTPUT_SCHEMA
 
-    return _read_conformed(uris, storage, OUTPUT_SCHEMA)
+    return _read_conformed(uris, storage, schema or OUTPUT_SCHEMA)
 
 
 def _read_journal(batch: pa.Table, storage: StorageConfig) -> pa.Table:
@@ -225,7 +226,10 @@ def _read_conformed(uris: list[str], storage: StorageConfig, schema: pa.Schema, 
     fs, _ = arrow_filesystem(uris[0], storage)
     paths = [arrow_filesystem(u, storage)[1] for u in uris]
     try:
-        table = pads.dataset(paths, filesystem=fs, format="parquet").to_table()
+        dataset = pads.dataset(paths, filesystem=fs, format="parquet")
+        # Only the columns that survive `conform` (and the filter) are read and decoded.
+        present = set(dataset.schema.names)
+        table = dataset.to_table(columns=[n for n in dict.fromkeys([*schema.names, *(["kind"] if kind else [])]) if n in present])
     except (OSError, pa.ArrowInvalid) as exc:
         raise StorageError(f"cannot read earlier results under {uris[0].rsplit('/', 2)[0]}: {exc}") from None
     if kind and "kind" in table.column_names:
