@@ -81,10 +81,18 @@ def read_fragments(prefix: str, shard: int, storage: StorageConfig) -> tuple[lis
 
 
 def gather(shard: int, prefix: str, storage: StorageConfig, page_rows: int = PAGE_ROWS) -> int:
-    """Merge a shard's fragments into its sorted pages and index; returns its rows (0: none)."""
+    """Merge a shard's fragments into its sorted pages and index; returns its rows (0: none).
+
+    A retry is safe at any point. The index is written last and the prefix is new for each
+    load, so an index here means the pages are whole: a retry of a gather that died while
+    deleting its fragments only finishes the delete. (Re-gathering what was left would
+    overwrite the shard with part of its rows.)"""
+    if exists(index_uri(prefix, shard), storage):
+        delete_objects(list_objects(_fragments_dir(prefix, shard), storage), storage)
+        return sum(e[3] for e in json.loads(read_bytes(index_uri(prefix, shard), storage)))
     fragments, table = read_fragments(prefix, shard, storage)
-    if table is None:  # none scattered here, or a retry of a gather that finished but was lost
-        return sum(e[3] for e in json.loads(read_bytes(index_uri(prefix, shard), storage))) if exists(index_uri(prefix, shard), storage) else 0
+    if table is None:  # nothing was scattered to this shard
+        return 0
     rows = write_pages(table, prefix, shard, storage, page_rows)
     delete_objects(fragments, storage)
     return rows

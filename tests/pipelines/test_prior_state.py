@@ -129,3 +129,27 @@ def test_scatter_groups_bound_each_task():
     for g in groups:
         assert len(g) == 1 or sum(counts[i] for i in g) <= 65_536
     assert [len(g) for g in groups] == [8, 1, 1, 50, 1, 1]  # a file over the limit goes alone
+
+
+def test_a_gather_retried_after_dying_mid_delete_keeps_every_row(tmp_path):
+    """The gather task writes a shard's pages, then deletes its fragments. If it dies after
+    deleting only some, its retry must not rebuild the shard from the fragments left: that
+    would overwrite whole pages with part of the shard's rows."""
+    storage, prefix = StorageConfig(), str(tmp_path / "prior")
+    tables = [pa.table({"sku": [f"sku-{t}-{i:03d}" for i in range(40)], "shard": [0] * 40, "v": list(range(40))}) for t in range(2)]
+    for t, table in enumerate(tables):
+        prior_index.scatter(table, prefix, storage, task=f"t{t}")
+    fragments, whole = prior_index.read_fragments(prefix, 0, storage)
+    assert len(fragments) == 2 and len(whole) == 80
+    # 1. The first try: pages and index written, then one fragment deleted before it died.
+    prior_index.write_pages(whole, prefix, 0, storage, page_rows=16)
+    Path(fragments[0]).unlink()
+    # 2. The retry: every row is still in the shard, and no fragment is left.
+    prior_index.clear_cache()
+    assert prior_index.gather(0, prefix, storage, page_rows=16) == 80
+    assert not any("/scatter/" in f for f in list_objects(prefix, storage))
+    skus = whole["sku"].to_pylist()
+    found = prior_index.lookup(prefix, storage, {0: skus})
+    assert all(len(found[s]) == 1 for s in skus)
+    # A shard no task scattered to is empty, not an error.
+    assert prior_index.gather(1, prefix, storage) == 0
