@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import psutil
 
+from cluster.connect import object_store_bytes_used
 from pipelines.run import RunConfig, run_catalog
 from pipelines.sample_catalog import render_product
 
@@ -49,14 +50,7 @@ class Peaks:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _store_bytes(self) -> int:
-        try:  # a private Ray API, but the one `ray memory --stats-only` prints from
-            import ray
-            from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-            state = get_state_from_address(ray.get_runtime_context().gcs_address)
-            return int(get_memory_info_reply(state).store_stats.object_store_bytes_used)
-        except Exception:  # noqa: BLE001 - a missed sample only lowers the resolution
-            return 0
+        return object_store_bytes_used()
 
     def _run(self):
         me = psutil.Process()

@@ -29,3 +29,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                 **kwargs,
             )
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def object_store_bytes_used() -> int:
+    """Bytes in use in the cluster's object store, as `ray memory --stats-only` prints them.
+    A private Ray API (the one that command uses): 0 when it fails, so a sampler only misses
+    a sample."""
+    try:
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        return int(get_memory_info_reply(state).store_stats.object_store_bytes_used)
+    except Exception:  # noqa: BLE001 - a missed sample only lowers the resolution
+        return 0

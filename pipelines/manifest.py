@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -89,22 +90,26 @@ def read_manifest(uri: str, storage: StorageConfig, columns: list[str], *, chunk
     CPU: as one Read operator, a one-file manifest was read ahead whole (~300 B a row, ~3 GB at
     10M rows, bench/catalog_phases.py). Other formats and `.gz` are read whole.
 
-    Each block holds one chunk as `ranges_per_block` contiguous byte ranges: Ray Data bundles
+    Each block describes one chunk as `ranges_per_block` rows of its index: Ray Data bundles
     input blocks into a fused task until they hold as many rows as the largest batch size in
     the chain, so a chain batching by N rows must see N descriptor rows per block to get one
-    chunk per task."""
+    chunk per task. The blocks are in the object store for the whole pass (Ray puts them up
+    front), so they are one uint32 column: ~0.8 KB a block, where (start, end) int64 rows took
+    ~1.7 KB, and no Python dict per row on the driver (docs/benchmarks.md)."""
     import ray
 
     fmt = manifest_format(uri)
     fs, path = arrow_filesystem(uri, storage)
     size = chunk_rows and reads_in_ranges(uri, storage)
     if size:
-        chunks = byte_ranges(size, chunk_rows * _bytes_per_line(fs, path))
+        step = chunk_rows * _bytes_per_line(fs, path)
         k = max(1, ranges_per_block)
-        items = [{"start": a + (b - a) * i // k, "end": a + (b - a) * (i + 1) // k} for a, b in chunks for i in range(k)]
-        return ray.data.from_items(items, override_num_blocks=len(chunks)).map_batches(
-            _read_jsonl_ranges, fn_kwargs={"uri": uri, "storage": storage}, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus
-        )
+        blocks = [pa.table({"chunk": np.full(k, i, np.uint32)}) for i in range(len(byte_ranges(size, step)))]
+        # from_blocks (a DeveloperAPI) keeps one block per chunk and reads their metadata here;
+        # from_arrow ran a Ray task per block for it (~40 KB of driver memory a block).
+        return ray.data.from_blocks(blocks).map_batches(
+            _read_jsonl_chunks, fn_kwargs={"uri": uri, "storage": storage, "step": step, "size": size}, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus
+        )  # fmt: skip
     if fmt == "jsonl":
         return ray.data.read_text(path, filesystem=fs).map_batches(_parse_jsonl_lines, batch_format="pyarrow", num_cpus=num_cpus)
     if fmt == "csv":
@@ -131,26 +136,31 @@ def byte_ranges(size: int, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, size)) for a in range(0, size, step)]
 
 
+def chunk_spans(chunks, size: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """The byte spans of a set of `byte_ranges(size, chunk_bytes)` indexes, neighbours merged
+    (one ranged request per run of chunks on S3)."""
+    step = max(1, int(chunk_bytes))
+    spans: list[list[int]] = []
+    for c in sorted(set(int(c) for c in chunks)):
+        start, end = c * step, min((c + 1) * step, size)
+        if spans and spans[-1][1] == start:
+            spans[-1][1] = end
+        else:
+            spans.append([start, end])
+    return [(a, b) for a, b in spans]
+
+
 def _bytes_per_line(fs, path: str, sample: int = 1 << 20) -> int:
     with fs.open_input_stream(path) as f:
         head = f.read(sample)
     return max(1, len(head) // max(1, head.count(b"\n")))
 
 
-def _read_jsonl_ranges(batch, uri: str, storage: StorageConfig):
-    import pyarrow as pa
-
+def _read_jsonl_chunks(batch, uri: str, storage: StorageConfig, step: int, size: int):
     fs, path = arrow_filesystem(uri, storage)
-    # Contiguous ranges are read as one (one request per chunk on S3).
-    spans: list[list[int]] = []
-    for start, end in sorted(zip(batch["start"].to_pylist(), batch["end"].to_pylist())):
-        if spans and spans[-1][1] == start:
-            spans[-1][1] = end
-        else:
-            spans.append([start, end])
     lines: list[str] = []
     with fs.open_input_file(path) as f:
-        for start, end in spans:
+        for start, end in chunk_spans(batch["chunk"].to_numpy(), size, step):
             lines += jsonl_lines_in_range(f, start, end)
     return _parse_jsonl_lines(pa.table({"text": pa.array(lines, pa.string())}))
 
@@ -179,8 +189,6 @@ def jsonl_lines_in_range(f, start: int, end: int, read_ahead: int = 1 << 16) -> 
 
 
 def _parse_jsonl_lines(table):
-    import pyarrow as pa
-
     rows = []
     for line in table.column("text").to_pylist():
         if not line or not line.strip():

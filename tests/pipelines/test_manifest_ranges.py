@@ -13,7 +13,7 @@ import random
 import pytest
 
 from cluster.resources import plan_resources
-from pipelines.manifest import _bytes_per_line, byte_ranges, check_columns, jsonl_lines_in_range, read_manifest, reads_in_ranges
+from pipelines.manifest import _bytes_per_line, byte_ranges, check_columns, chunk_spans, jsonl_lines_in_range, read_manifest, reads_in_ranges
 from pipelines.plan import build_dataset
 from pipelines.sample_catalog import write_sample_catalog
 from pipelines.sources import SourcePolicy
@@ -50,6 +50,15 @@ def test_byte_ranges_split_a_file_into_each_line_once():
             f = io.BytesIO(data)
             got = [line for a, b in byte_ranges(len(data), chunk) for line in jsonl_lines_in_range(f, a, b, read_ahead=rnd.choice([1, 5, 1 << 16]))]
             assert [line for line in got if line.strip()] == whole, (data, chunk)
+            # Any set of chunk indexes, neighbours merged into spans, reads the same lines as
+            # those chunks read one by one (a fused task reads its blocks' chunks that way).
+            ranges = byte_ranges(len(data), chunk)
+            if not ranges:
+                continue
+            picked = rnd.sample(range(len(ranges)), rnd.randint(1, len(ranges)))
+            one_by_one = [line for c in sorted(picked) for line in jsonl_lines_in_range(f, *ranges[c]) if line.strip()]
+            merged = [line for a, b in chunk_spans(picked, len(data), chunk) for line in jsonl_lines_in_range(f, a, b) if line.strip()]
+            assert merged == one_by_one and len(chunk_spans(picked, len(data), chunk)) <= len(picked)
 
 
 def test_ranges_give_the_rows_of_the_whole_file(ray_session, tmp_path):
@@ -73,6 +82,49 @@ def test_ranges_give_the_rows_of_the_whole_file(ray_session, tmp_path):
     assert sum(1 for _, err in whole if err) == 1  # the broken line is an error row
 
 
+def test_a_finished_manifest_pass_leaves_nothing_in_the_object_store(ray_session, tmp_path):
+    """The manifest pass's descriptor blocks, one per CPU task and all put in the object store
+    when the pass starts, are one small column; and they leave the store once the pass is
+    over. A consumed Dataset sits in reference cycles, so only Python's cycle collector frees
+    its inputs: here it is off (it may well not run during a whole pass), and
+    release_finished_passes must free them."""
+    import gc
+    import time
+
+    from cluster.connect import object_store_bytes_used
+    from pipelines.run import release_finished_passes
+
+    blocks = 200
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"sku": f"SKU-{i:04d}", "image_uri": f"/photos/{i}.jpg"}) + "\n" for i in range(blocks)))
+
+    def settled(limit_s: float = 10.0) -> int:  # frees reach the store asynchronously
+        last, deadline = object_store_bytes_used(), time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = object_store_bytes_used()
+            if now == last:
+                return now
+            last = now
+        return last
+
+    release_finished_passes()
+    gc.disable()
+    try:
+        base = settled()
+        # One chunk (one row here) per block, described by 64 rows, as a CPU batch of 64 needs.
+        ds = read_manifest(str(path), StorageConfig(), ["sku", "image_uri"], chunk_rows=1, ranges_per_block=64)
+        assert sum(len(b) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")) == blocks
+        del ds
+        held = settled() - base
+        release_finished_passes()
+        left = settled() - base
+    finally:
+        gc.enable()
+    assert 0 < held < blocks * 1200, f"{held / blocks:.0f} B a block"  # 64 (start, end) int64 rows took ~1.7 KB
+    assert left < held / 10, (held, left)
+
+
 def test_main_pass_reads_parses_and_runs_ops_in_one_task(ray_session, tmp_path):
     import ray
 
@@ -87,7 +139,7 @@ def test_main_pass_reads_parses_and_runs_ops_in_one_task(ray_session, tmp_path):
     assert all(r["kind"] == "variant" for r in out), [r["message"] for r in out if r["kind"] != "variant"]
     stats = ds.stats()
     fused = [line for line in stats.splitlines() if line.lstrip().startswith("Operator") and "FetchAndDecode" in line]
-    assert len(fused) == 1 and "_read_jsonl_ranges" in fused[0] and "ParseRows" in fused[0] and "Finish" in fused[0], stats
+    assert len(fused) == 1 and "_read_jsonl_chunks" in fused[0] and "ParseRows" in fused[0] and "Finish" in fused[0], stats
     # One byte-range chunk (about one block's rows) per task, not several bundled into one.
     chunks = len(byte_ranges(manifest.stat().st_size, plan.rows_per_block * _bytes_per_line(*arrow_filesystem(str(manifest), storage))))
     assert chunks >= 2
@@ -117,7 +169,7 @@ def test_a_gate_retry_pass_scans_ranges_and_keeps_only_its_skus(ray_session, tmp
     assert all(r["kind"] == "variant" and r["attempt"] == 2 for r in out), [(r["kind"], r["message"]) for r in out]
     stats = ds.stats()
     ops = [line for line in stats.splitlines() if line.lstrip().startswith("Operator")]
-    scan = [line for line in ops if "_read_jsonl_ranges" in line]
+    scan = [line for line in ops if "_read_jsonl_chunks" in line]
     assert len(scan) == 1 and "ParseRows" in scan[0] and "FetchAndDecode" not in scan[0], stats
     assert not any("ReadText" in line for line in ops), stats
     assert "Finish" in stats and "repartition" in stats.lower(), stats
