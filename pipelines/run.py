@@ -306,7 +306,7 @@ class Produced:
 def release_finished_passes() -> None:
     """Free the object store of the Ray Data passes that have finished. A consumed Dataset
     sits in reference cycles (its plan and executor), so its input blocks (the descriptors
-    `from_arrow` / `from_items` put in the store up front: ~0.8 KB per block of the manifest
+    `from_blocks` / `from_items` put in the store up front: ~0.8 KB per block of the manifest
     pass, a list of journal files per block of a journal read) stayed there until Python's
     cycle collector happened to run, and each pass's inputs were added to the next pass's.
     Called between passes: a collection costs well under a second, a pass far more."""
@@ -331,19 +331,18 @@ def execute(ds) -> Produced:
     return Produced(rows=rows, variants=variants)
 
 
-def run_gate_retries(ctx: RunContext, manifest: str, columns: list[str], plan, rows_per_block: int = ROWS_PER_FILE):
+def run_gate_retries(ctx: RunContext, manifest: str, columns: list[str], plan, rows_per_block: int = ROWS_PER_FILE) -> None:
     """Regenerate variants that failed their gate, with the next attempt's seed, until they
     pass or reach their recipe's max_attempts: one more pass over the plan per attempt, for
-    just those (sku, recipe, variant)s. Returns every pass's rows together, as read back
-    from this attempt's journal."""
+    just those (sku, recipe, variant)s. Every pass journals its rows; the passes after this
+    read them back from the journal."""
     recipes = ctx.recipes()
     seen: set[tuple[str, str, int, int]] = set()
     while True:
-        rows = journal_rows(ctx.run_prefix, ctx.attempt, ctx.storage, rows_per_block)
-        todo = [t for t in retry_set(rows, recipes) if t not in seen]
+        todo = [t for t in retry_set(journal_rows(ctx.run_prefix, ctx.attempt, ctx.storage, rows_per_block), recipes) if t not in seen]
         release_finished_passes()
         if not todo:
-            return rows
+            return
         seen.update(todo)
         attempt = max(a for *_, a in todo)
         log.info("gate: regenerating %d variants that failed their gate (attempt up to %d)", len(todo), attempt)
@@ -405,6 +404,7 @@ def _summarise(rows, run_id: str, prefix: str, wall_s: float, attempt: int = 1) 
     for block in per_block.iter_batches(batch_format="pyarrow", batch_size=None):
         for bucket, n in zip(block["bucket"].to_pylist(), block["rows"].to_pylist()):
             counts[bucket] += n
+    del per_block  # so that its blocks can be freed
     release_finished_passes()
     variants_by_recipe: dict[str, int] = {}
     errors_by_stage: dict[str, int] = {}
