@@ -63,6 +63,7 @@ class PhaseProbe:
         self._peaks = Peaks(every_s=0.3)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._originals: dict = {}
 
     def _sample(self):
         me = psutil.Process()
@@ -77,7 +78,7 @@ class PhaseProbe:
             time.sleep(0.3)
 
     def wrap(self, name: str) -> None:
-        fn = getattr(run_module, name)
+        fn = self._originals[name] = getattr(run_module, name)
 
         @functools.wraps(fn)
         def probed(*args, **kwargs):
@@ -103,6 +104,8 @@ class PhaseProbe:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        for name, fn in self._originals.items():  # the next probe wraps the real functions, not these
+            setattr(run_module, name, fn)
 
 
 def main() -> None:

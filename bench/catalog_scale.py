@@ -127,13 +127,22 @@ def as_format(manifest: Path, fmt: str) -> Path:
     return out
 
 
-def measured(cfg: RunConfig) -> dict:
-    with Peaks() as p:
+def measured(cfg: RunConfig, phases: bool = False) -> dict:
+    """One run's peaks and counts; with `phases`, also the object store's peak in each phase
+    of run_catalog (bench/catalog_phases.py's probe), to say which phase a peak belongs to."""
+    import contextlib
+
+    from bench.catalog_phases import PhaseProbe
+
+    with Peaks() as p, (PhaseProbe() if phases else contextlib.nullcontext()) as probe:
         t0 = time.perf_counter()
         s = run_catalog(cfg)
         wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 1), "driver_peak_mb": round(p.driver / 2**20), "object_store_peak_mb": round(p.store / 2**20, 1),
-            "all_processes_peak_mb": round(p.total / 2**20), "generated": s.generated, "reused": s.reused, "errors": s.errors}  # fmt: skip
+    out = {"wall_s": round(wall, 1), "driver_peak_mb": round(p.driver / 2**20), "object_store_peak_mb": round(p.store / 2**20, 1),
+           "object_store_peak_kb": round(p.store / 2**10), "all_processes_peak_mb": round(p.total / 2**20), "generated": s.generated, "reused": s.reused, "errors": s.errors}  # fmt: skip
+    if probe is not None:
+        out["store_peak_mb_by_phase"] = {r["phase"]: r["store_peak_mb"] for r in probe.records}
+    return out
 
 
 def main() -> None:
@@ -146,6 +155,7 @@ def main() -> None:
     ap.add_argument("--manifest-format", choices=("jsonl", "parquet", "csv"), default="jsonl", help="the catalog's manifest as written (parquet, csv: converted from the JSONL)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--phases", action="store_true", help="also record each run phase's object-store peak")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="skustudio-bench-scale-"))
@@ -161,15 +171,15 @@ def main() -> None:
         base = dict(manifest=str(manifest), recipes=(args.recipe,), output=str(work / f"runs-{count}"), cpu_batch_size=args.batch_size)
         if args.part_rows:
             base["part_rows"] = args.part_rows
-        runs = {"full": measured(RunConfig(**base, run_id="full"))}
+        runs = {"full": measured(RunConfig(**base, run_id="full"), args.phases)}
         print("  full     ", runs["full"], flush=True)
-        runs["no_change"] = measured(RunConfig(**base, run_id="nochange"))
+        runs["no_change"] = measured(RunConfig(**base, run_id="nochange"), args.phases)
         print("  no change", runs["no_change"], flush=True)
         changed = max(1, int(count * args.changed))
         for i in range(0, count, count // changed)[:changed]:
             r = render_product(i % max(1, count // COPIES), size=(SIDE, SIDE))
             _write_image(work / f"cat-{count}" / "images" / f"SKU-{i:07d}.jpg", 255 - r.photo, i)
-        runs["changed"] = {**measured(RunConfig(**base, run_id="changed")), "sources_changed": changed}
+        runs["changed"] = {**measured(RunConfig(**base, run_id="changed"), args.phases), "sources_changed": changed}
         print("  changed  ", runs["changed"], flush=True)
         results[str(count)] = runs
 

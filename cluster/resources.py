@@ -22,8 +22,13 @@ class PoolPlan:
     concurrency: int = 1
 
 
-TARGET_BLOCKS = 20_000  # blocks a run may make before its blocks grow past one CPU batch
-MAX_BLOCK_ROWS = 128
+# Blocks a run aims for: enough for balance on the cluster it can reach, and no more, since
+# each block costs the driver ~7 KB and ~16 ms and the object store one descriptor for the
+# whole pass (bench/ray_blocks.py, bench/catalog_scale.py). Bounded by the cluster, not the
+# catalog, so a 100k catalog holds what a 10k one does.
+BLOCKS_PER_CPU = 16
+MIN_TARGET_BLOCKS = 256
+MAX_BLOCK_ROWS = 1024  # a task's rows at most (a lost node re-does at most this many rows a task)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,20 +39,29 @@ class ResourcePlan:
     parse_batch_size: int = 1024
     gpu_batch_size: int = 4
     max_gpus: float | None = None  # GPUs the cluster can scale to (autoscaling); None = what it has now
+    max_cpus: float | None = None  # CPUs the cluster can scale to (autoscaling); None = what it has now
     object_store_limit_bytes: int | None = None
     # Rows per block after the manifest is split (each block is one fused CPU task); 0: the CPU
     # batch. Set from the catalog's size by `for_rows`.
     block_rows: int = 0
 
+    @property
+    def target_blocks(self) -> int:
+        """Blocks a catalog pass aims for: BLOCKS_PER_CPU for every CPU the cluster can reach
+        (so the last wave of tasks is short), at least MIN_TARGET_BLOCKS."""
+        cpus = self.max_cpus if self.max_cpus is not None else self.cluster_cpus
+        return max(MIN_TARGET_BLOCKS, int(BLOCKS_PER_CPU * cpus))
+
     def for_rows(self, rows: int) -> ResourcePlan:
-        """This plan for a catalog of `rows` manifest rows. Ray Data's driver holds ~7 KB and
-        spends ~16 ms per block (bench/ray_blocks.py: linear to 40k blocks), so one block per
-        CPU batch would cost a 10M-row catalog 2.5M blocks (~17 GB on the head node). Up to
-        TARGET_BLOCKS blocks, each block is one batch (the finest balance); beyond, blocks
-        grow in whole batches up to MAX_BLOCK_ROWS rows, which still leaves thousands of tasks
-        for any cluster."""
+        """This plan for a catalog of `rows` manifest rows. Up to `target_blocks` blocks, each
+        block is one CPU batch (the finest balance); beyond, blocks grow in whole batches up
+        to MAX_BLOCK_ROWS rows, so the block count follows the cluster, not the catalog.
+        Each block costs Ray Data's driver ~7 KB and ~16 ms (bench/ray_blocks.py: linear to
+        40k blocks) and the object store its descriptor for the whole pass: one block per
+        batch made 1,563 blocks at 100k rows (1.3 MB of store, ~11 MB of driver) and would
+        make 2.5M at 10M rows and batch 4 (~17 GB of driver)."""
         batch = self.cpu_batch_size
-        batches = min(-(-rows // (TARGET_BLOCKS * batch)), MAX_BLOCK_ROWS // batch)  # per block, rounded up
+        batches = min(-(-rows // (self.target_blocks * batch)), MAX_BLOCK_ROWS // batch)  # per block, rounded up
         return dataclasses.replace(self, block_rows=batch * max(1, batches))
 
     @property
@@ -108,7 +122,8 @@ class ResourcePlan:
 
     def describe(self) -> str:
         return (
-            f"cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU (can reach {self.max_gpus if self.max_gpus is not None else self.cluster_gpus:g} GPU); "
+            f"cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU (can reach {self.max_cpus if self.max_cpus is not None else self.cluster_cpus:g} CPU / "
+            f"{self.max_gpus if self.max_gpus is not None else self.cluster_gpus:g} GPU); "
             f"CPU batch {self.cpu_batch_size} ({self.rows_per_block} rows a block), "
             f"GPU batch {self.gpu_batch_size}, "
             f"object store limit {self.object_store_limit_bytes // 2**20 if self.object_store_limit_bytes else 'default'} MiB"
@@ -116,7 +131,7 @@ class ResourcePlan:
 
 
 def plan_resources(cluster: dict[str, float], *, cpu_batch_size: int = 4, gpu_batch_size: int = 4, max_gpus: float | None = None,
-                   object_store_fraction: float = 0.5) -> ResourcePlan:
+                   max_cpus: float | None = None, object_store_fraction: float = 0.5) -> ResourcePlan:
     """Plan from `ray.cluster_resources()`. Decoded images are large (a 2000 px RGB image is
     12 MB), so Ray Data's object store budget is capped at a fraction of the store: decode
     then backs off when downstream ops fall behind, instead of spilling to disk."""
@@ -127,6 +142,7 @@ def plan_resources(cluster: dict[str, float], *, cpu_batch_size: int = 4, gpu_ba
         cpu_batch_size=cpu_batch_size,
         gpu_batch_size=gpu_batch_size,
         max_gpus=max_gpus,
+        max_cpus=max_cpus,
         object_store_limit_bytes=int(store * object_store_fraction) if store else None,
     )
 

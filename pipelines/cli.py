@@ -79,6 +79,7 @@ def run(
     cpu_batch_size: int = typer.Option(4, min=1, help="rows per CPU task batch"),
     gpu_batch_size: int = typer.Option(4, min=1, help="rows per GPU actor batch (recipes may override)"),
     max_gpus: float = typer.Option(None, min=0, help="GPUs the cluster can scale to (autoscaling clusters start with fewer); default: the GPUs it has now"),
+    max_cpus: float = typer.Option(None, min=0, help="CPUs the cluster can scale to (autoscaling clusters start with fewer): the manifest is cut into ~16 blocks per CPU; default: the CPUs it has now"),
     model_cache: str = typer.Option(None, help="node-local model cache (default: $SKUSTUDIO_MODEL_CACHE or ~/.cache/skustudio/models)"),
     full: bool = typer.Option(False, "--full", help="regenerate every variant instead of reusing unchanged ones from the last committed run"),
     max_error_rate: float = typer.Option(0.2, min=0.0, max=1.0, help="commit only if at most this fraction of output rows failed"),
@@ -109,7 +110,7 @@ def run(
     cfg = RunConfig(
         manifest=manifest, recipes=tuple(recipe), output=output, run_id=run_id, address=address, s3_endpoint=s3_endpoint,
         num_cpus=num_cpus, num_gpus=num_gpus, cpu_batch_size=cpu_batch_size, gpu_batch_size=gpu_batch_size,
-        max_gpus=max_gpus, model_cache=model_cache, full=full, max_error_rate=max_error_rate, trust_etag=etag_check, sse=sse,
+        max_gpus=max_gpus, max_cpus=max_cpus, model_cache=model_cache, full=full, max_error_rate=max_error_rate, trust_etag=etag_check, sse=sse,
         sse_kms_key_id=sse_kms_key_id, source_prefixes=tuple(source_prefix), max_source_mb=max_source_mb, source_timeout_s=source_timeout,
         part_rows=part_rows,
     )  # fmt: skip

@@ -74,6 +74,7 @@ class RunConfig:
     cpu_batch_size: int = 4
     gpu_batch_size: int = 4
     max_gpus: float | None = None
+    max_cpus: float | None = None  # CPUs an autoscaling cluster can reach: sizes the blocks (ResourcePlan.target_blocks)
     max_pixels: int = DEFAULT_MAX_PIXELS
     model_cache: str | None = None
     full: bool = False  # regenerate everything instead of reusing the last committed run
@@ -171,7 +172,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
 
     # 2. Reach Ray and plan resources.
     cluster = connect(cfg.address, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
-    plan = plan_resources(cluster, cpu_batch_size=cfg.cpu_batch_size, gpu_batch_size=cfg.gpu_batch_size, max_gpus=cfg.max_gpus)
+    plan = plan_resources(cluster, cpu_batch_size=cfg.cpu_batch_size, gpu_batch_size=cfg.gpu_batch_size, max_gpus=cfg.max_gpus, max_cpus=cfg.max_cpus)
     apply_data_context(plan)
     # Every fetch thread may hold one source of up to the cap: plan the threads from memory.
     threads = fetch_threads(plan.fetch_memory_bytes(cluster), sources.max_bytes, plan.cpu_batch_size)

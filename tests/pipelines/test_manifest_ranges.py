@@ -125,7 +125,12 @@ def test_a_finished_manifest_pass_leaves_nothing_in_the_object_store(ray_session
     assert left < held / 10, (held, left)
 
 
-def test_main_pass_reads_parses_and_runs_ops_in_one_task(ray_session, tmp_path):
+@pytest.mark.parametrize("batches_a_block", [1, 3])
+def test_main_pass_reads_parses_and_runs_ops_in_one_task(ray_session, tmp_path, batches_a_block):
+    # A large catalog's blocks hold several CPU batches (ResourcePlan.for_rows): each task
+    # then reads one chunk of that many rows and runs its batches one after another.
+    import dataclasses
+
     import ray
 
     manifest = write_sample_catalog(tmp_path / "cat", 12)
@@ -133,11 +138,13 @@ def test_main_pass_reads_parses_and_runs_ops_in_one_task(ray_session, tmp_path):
     ctx = RunContext(run_id="t", output=str(tmp_path / "out"), recipe_refs=("enhance",), storage=storage,
                      sources=SourcePolicy.for_manifest(str(manifest), ()), recipe_fingerprints=(("enhance", "test"),))  # fmt: skip
     plan = plan_resources(ray.cluster_resources(), cpu_batch_size=2).for_rows(12)
+    plan = dataclasses.replace(plan, block_rows=2 * batches_a_block)
     ds = build_dataset(ctx, str(manifest), check_columns(str(manifest), storage), plan)
     out = ds.take_all()
     assert sorted(r["sku"] for r in out if r["kind"] == "variant") == sorted(json.loads(line)["sku"] for line in manifest.read_text().splitlines())
     assert all(r["kind"] == "variant" for r in out), [r["message"] for r in out if r["kind"] != "variant"]
     stats = ds.stats()
+    assert (12 // plan.rows_per_block > 2) == (batches_a_block == 1)
     fused = [line for line in stats.splitlines() if line.lstrip().startswith("Operator") and "FetchAndDecode" in line]
     assert len(fused) == 1 and "_read_jsonl_chunks" in fused[0] and "ParseRows" in fused[0] and "Finish" in fused[0], stats
     # One byte-range chunk (about one block's rows) per task, not several bundled into one.
