@@ -23,6 +23,9 @@ from pipelines.storage import StorageConfig, StorageError, arrow_filesystem, is_
 REQUIRED = ("sku", "image_uri")
 OPTIONAL = ("title", "category", "attributes", "recipes", "overlay_mask_uri")
 MAX_SKU_LEN = 512
+# A row object holding only this key (and the offending `line`) stands for a line the source
+# format could not split into fields (pipelines/manifest_staging.py): it becomes an error row.
+ROW_ERROR = "_manifest_error"
 
 
 class ManifestError(ValueError):
@@ -210,6 +213,8 @@ def normalise_row(row: dict[str, Any], default_recipes: list[str]) -> dict[str, 
         if raw_error:
             return _bad(row.get("raw", ""), "", raw_error)
         row = json.loads(row["raw"])
+    if ROW_ERROR in row:
+        return _bad(str(row.get("line", "")), "", str(row[ROW_ERROR]))
     sku = _text(row.get("sku"))
     uri = _text(row.get("image_uri"))
     out = {
@@ -236,7 +241,9 @@ def normalise_row(row: dict[str, Any], default_recipes: list[str]) -> dict[str, 
     elif "://" in uri and not uri.startswith("file://"):
         return {**out, "error": f"image_uri {uri!r}: only s3:// URIs and local paths are supported"}
     attrs = row.get("attributes")
-    if isinstance(attrs, str) and attrs.strip():
+    if isinstance(attrs, str) and not attrs.strip():
+        attrs = None  # an empty CSV cell: no attributes
+    if isinstance(attrs, str):
         try:
             attrs = json.loads(attrs)
         except ValueError:

@@ -40,6 +40,7 @@ from ops.codec import DEFAULT_MAX_PIXELS
 from ops.environment import check_opencv_contrib
 from ops.models import ModelError, ModelInfo
 from pipelines.manifest import check_columns
+from pipelines.manifest_staging import STAGED, stage_manifest
 from pipelines.model_store import ModelStore
 from pipelines.report import write_report
 from pipelines.plan import build_dataset, find_duplicate_skus, pool_stages
@@ -193,7 +194,9 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     if attempt > 1:
         log.info("run %s: attempt %d, finishing what earlier attempts left", run_id, attempt)
     ctx = dataclasses.replace(base, attempt=attempt, prior=prior, recipe_fingerprints=fingerprints, trust_etag=cfg.trust_etag)
-    keys = find_duplicate_skus(ctx, cfg.manifest, columns, plan)
+    # Every pass reads the manifest in byte ranges: a CSV, Parquet or .gz one as its JSONL copy.
+    manifest = stage_manifest(cfg.manifest, storage, run_prefix, columns)
+    keys = find_duplicate_skus(ctx, manifest, columns, plan)
     release_finished_passes()
     duplicates = keys.duplicates
     ctx = dataclasses.replace(ctx, duplicates=duplicates)
@@ -204,10 +207,10 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     # 4. Execute. Workers write the images and journal each batch's metadata rows; the
     #    driver keeps none of them (bench/catalog_scale.py measures what it does hold): the passes after this
     #    read the rows back from the journal.
-    produced = execute(build_dataset(ctx, cfg.manifest, columns, catalog_plan))
+    produced = execute(build_dataset(ctx, manifest, columns, catalog_plan))
     release_finished_passes()
     log.info("run %s: %d rows produced, %d of them variants", run_id, produced.rows, produced.variants)
-    run_gate_retries(ctx, cfg.manifest, columns, plan, rows_per_block=cfg.part_rows)
+    run_gate_retries(ctx, manifest, columns, plan, rows_per_block=cfg.part_rows)
     # The rows from here on are read back from the journal, flagged as they are read. A run
     # that produced no variant (every fetch failed, say) has nothing to flag: its error rows
     # go on to the summary and the error-rate check.
@@ -260,7 +263,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     latest = {"run_id": run_id, "committed_utc": record["created_utc"]}
     write_bytes(join(output, LATEST), json.dumps(latest).encode(), storage, "application/json")
     try:  # the journal's rows are all in the committed tables now; the prior shards are spent
-        delete_objects([u for sub in (JOURNAL, PRIOR, DUPLICATES) for u in list_objects(join(run_prefix, sub), storage)], storage)
+        delete_objects([u for sub in (JOURNAL, PRIOR, DUPLICATES, STAGED) for u in list_objects(join(run_prefix, sub), storage)], storage)
     except Exception as exc:  # noqa: BLE001 - leftovers are harmless: never read once committed
         log.warning("could not delete the journal of run %s: %s", run_id, exc)
     # 6. The report: after the commit, so it reads exactly what readers will; a report that

@@ -208,6 +208,81 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig, content_type: str = "
     os.replace(tmp, path)  # readers never see a half-written file
 
 
+class StreamingUpload:
+    """One object of unknown size, written in pieces: an S3 multipart upload (each part
+    carries the config's server-side encryption; all but the last >= PART_BYTES, S3's floor
+    being 5 MiB), or a local temp file renamed into place. Nothing is visible at `uri` until
+    `close()`; an exception inside `with` aborts and leaves nothing."""
+
+    PART_BYTES = 8 << 20
+
+    def __init__(self, uri: str, cfg: StorageConfig):
+        self.uri, self.cfg = uri, cfg
+        self._buf = bytearray()
+        self._parts: list[dict] = []
+        self._upload_id = None
+        self._file = None
+        if is_s3(uri):
+            self._bucket, self._key = split_s3(uri)
+            try:
+                self._upload_id = s3_client(cfg).create_multipart_upload(Bucket=self._bucket, Key=self._key, **cfg.put_args())["UploadId"]
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageError(f"could not start writing {uri}: {exc}") from None
+        else:
+            self._path = Path(uri.removeprefix("file://")).expanduser()
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            self._file = self._tmp.open("wb")
+
+    def write(self, data: bytes) -> None:
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._buf += data
+        if len(self._buf) >= self.PART_BYTES:
+            self._send()
+
+    def _send(self) -> None:
+        n = len(self._parts) + 1
+        try:
+            etag = s3_client(self.cfg).upload_part(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=n, Body=bytes(self._buf))["ETag"]
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"could not write part {n} of {self.uri}: {exc}") from None
+        self._parts.append({"PartNumber": n, "ETag": etag})
+        self._buf.clear()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            os.replace(self._tmp, self._path)
+            return
+        if self._buf or not self._parts:  # the last part may be small (or the only one, empty)
+            self._send()
+        try:
+            s3_client(self.cfg).complete_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts})
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"could not finish writing {self.uri}: {exc}") from None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            return
+        try:
+            s3_client(self.cfg).abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
+        except (ClientError, BotoCoreError):
+            pass  # an upload left open is removed by the bucket's lifecycle rule, never read
+
+    def __enter__(self) -> StreamingUpload:
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def exists(uri: str, cfg: StorageConfig) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)

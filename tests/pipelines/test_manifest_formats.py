@@ -30,9 +30,15 @@ def test_csv_manifest(ray_session, catalog):
         w.writeheader()
         for r in rows:
             w.writerow({"sku": r["sku"], "image_uri": r["image_uri"], "title": r.get("title", ""), "attributes": json.dumps(r.get("attributes", {}))})
+    with path.open("a") as f:
+        f.write("BAD-1,/nowhere.jpg,a title, with a comma,{}\n")  # one field too many: one error row
     s = run_catalog(RunConfig(manifest=str(path), recipes=("enhance",), output=str(d / "out"), run_id="csv", max_error_rate=0.5))
-    assert (s.inputs, s.variants, s.errors) == (3, 2, 1)
-    assert s.errors_by_stage == {"fetch": 1}
+    assert (s.inputs, s.variants, s.errors) == (4, 2, 2)
+    assert s.errors_by_stage == {"fetch": 1, "manifest": 1}
+    errors = pq.read_table(d / "out" / "csv" / "errors").to_pylist()
+    assert any("5 fields where the header has 4" in e["message"] and "BAD-1" in e["message"] for e in errors), errors
+    # Read as a JSONL copy under the run (every pass in byte ranges), deleted by the commit.
+    assert not (d / "out" / "csv" / "_manifest").exists() or not any((d / "out" / "csv" / "_manifest").iterdir())
 
 
 def test_parquet_manifest_with_map_attributes(ray_session, catalog):
