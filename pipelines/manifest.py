@@ -134,6 +134,15 @@ def reads_in_ranges(uri: str, storage: StorageConfig) -> int:
     return info.size if info.type == pafs.FileType.File and info.size else 0
 
 
+def estimated_rows(uri: str, storage: StorageConfig) -> int:
+    """About how many rows a manifest that reads in byte ranges has (its size over its first
+    MB's bytes per line), to size blocks before a pass has counted them; 0 for any other."""
+    size = reads_in_ranges(uri, storage)
+    if not size:
+        return 0
+    return size // _bytes_per_line(*arrow_filesystem(uri, storage))
+
+
 def byte_ranges(size: int, chunk_bytes: int) -> list[tuple[int, int]]:
     step = max(1, int(chunk_bytes))
     return [(a, min(a + step, size)) for a in range(0, size, step)]

@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from ops.models import LORA_WEIGHTS, TRAINING_CARD, ModelError
 from ops.prompts import check_template, render
-from pipelines.storage import StorageConfig, arrow_filesystem, is_s3, join, redact, write_bytes
+from pipelines.storage import StorageConfig, arrow_filesystem, delete_objects, is_s3, join, list_objects, redact, write_bytes
 from pipelines.train_loop import LORA_TARGETS, TRAIN_STATE  # light: torch is imported on the workers
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,8 @@ def train_adapter(cfg: TrainConfig) -> TrainSummary:
 
     from cluster.connect import connect
     from cluster.resources import apply_data_context, plan_resources
-    from pipelines.manifest import check_columns
+    from pipelines.manifest import check_columns, estimated_rows
+    from pipelines.manifest_staging import STAGED, stage_manifest
     from pipelines.model_store import ModelStore
 
     t0 = time.perf_counter()
@@ -170,7 +171,14 @@ def train_adapter(cfg: TrainConfig) -> TrainSummary:
     cluster = connect(cfg.address, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     plan = plan_resources(cluster)
     apply_data_context(plan)
-    examples, bad = _examples(cfg, storage, columns, plan)
+    # Read in byte ranges like a run (a CSV, Parquet or .gz manifest through a JSONL copy next
+    # to the adapter, deleted once the examples are made), in blocks sized for the manifest.
+    manifest = stage_manifest(cfg.manifest, storage, cfg.output.rstrip("/"), columns)
+    try:
+        plan = plan.for_rows(estimated_rows(manifest, storage))
+        examples, bad = _examples(cfg, storage, columns, plan, manifest)
+    finally:
+        delete_objects(list_objects(join(cfg.output.rstrip("/"), STAGED), storage), storage)
     n = examples.count()
     if bad and not cfg.skip_bad_rows:
         listed = "; ".join(f"{b['sku'] or '(no sku)'} at {b['stage']}: {b['error']}" for b in bad[:10])
@@ -253,7 +261,7 @@ def _loop(config):  # a module-level name Ray can pickle by reference
 # ------------------------------------------------------------------------------ data
 
 
-def _examples(cfg: TrainConfig, storage: StorageConfig, columns: list[str], plan):
+def _examples(cfg: TrainConfig, storage: StorageConfig, columns: list[str], plan, manifest: str):
     """(materialised Dataset of usable examples, list of bad rows) for the selected rows."""
     from pipelines.plan import build_work_rows
     from pipelines.sources import SourcePolicy
@@ -262,7 +270,7 @@ def _examples(cfg: TrainConfig, storage: StorageConfig, columns: list[str], plan
     sources = SourcePolicy.for_manifest(cfg.manifest, cfg.source_prefixes)
     ctx = RunContext(run_id="train", output=cfg.output, recipe_refs=(TRAIN_RECIPE,), storage=storage, model_cache=cfg.model_cache,
                      sources=sources, recipe_fingerprints=((TRAIN_RECIPE, "train"),))  # fmt: skip
-    rows = build_work_rows(ctx, cfg.manifest, columns, plan, manifest_filter=RowFilter(cfg.categories, cfg.attributes, cfg.skus))
+    rows = build_work_rows(ctx, manifest, columns, plan, manifest_filter=RowFilter(cfg.categories, cfg.attributes, cfg.skus))
     made = rows.map_batches(ToExamples(cfg), batch_format="numpy", batch_size=plan.cpu_batch_size).materialize()
     bad = made.filter(expr="error != ''").select_columns(["sku", "stage", "error"]).take(1000)
     good = made.filter(expr="error == ''").select_columns(["sku", "caption", "source_sha256", "image_png", "mask_png"]).materialize()

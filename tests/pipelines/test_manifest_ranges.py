@@ -13,7 +13,7 @@ import random
 import pytest
 
 from cluster.resources import plan_resources
-from pipelines.manifest import _bytes_per_line, byte_ranges, check_columns, chunk_spans, jsonl_lines_in_range, read_manifest, reads_in_ranges
+from pipelines.manifest import _bytes_per_line, byte_ranges, check_columns, chunk_spans, estimated_rows, jsonl_lines_in_range, read_manifest, reads_in_ranges
 from pipelines.plan import build_dataset
 from pipelines.sample_catalog import write_sample_catalog
 from pipelines.sources import SourcePolicy
@@ -180,3 +180,12 @@ def test_a_gate_retry_pass_scans_ranges_and_keeps_only_its_skus(ray_session, tmp
     assert len(scan) == 1 and "ParseRows" in scan[0] and "FetchAndDecode" not in scan[0], stats
     assert not any("ReadText" in line for line in ops), stats
     assert "Finish" in stats and "repartition" in stats.lower(), stats
+
+
+def test_a_manifest_estimates_its_rows_from_its_size_before_any_pass(tmp_path):
+    # `skustudio train` sizes its blocks from this (a run counts them in its duplicate-sku pass).
+    path = tmp_path / "m.jsonl"
+    rng = random.Random(3)
+    path.write_text("".join(json.dumps({"sku": f"S-{i}", "image_uri": f"/i/{i}.jpg", "title": "x" * rng.randint(5, 80)}) + "\n" for i in range(5000)))
+    assert 4500 <= estimated_rows(str(path), StorageConfig()) <= 5500
+    assert estimated_rows(str(tmp_path / "m.csv"), StorageConfig()) == 0  # not read in ranges: blocks are cut by rows

@@ -5,6 +5,7 @@ own fetch / decode / segmentation path; the adapter loads through the model stor
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 
@@ -91,6 +92,17 @@ def test_bad_training_inputs_are_refused_before_any_training(ray_session, tmp_pa
         train_adapter(_cfg(catalog, tiny_models, out, trigger="two words"))
     with pytest.raises(TrainDataError, match="no usable manifest rows match the filter \\(categories=\\['spaceship'\\]\\)"):
         train_adapter(_cfg(catalog, tiny_models, out, categories=("spaceship",)))
+    # A CSV manifest is read through a JSONL copy beside the adapter, removed afterwards.
+    rows = [json.loads(line) for line in catalog.read_text().splitlines()]
+    as_csv = tmp_path / "catalog.csv"
+    with as_csv.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["sku", "image_uri", "category"])
+        w.writeheader()
+        w.writerows({k: r.get(k, "") for k in ("sku", "image_uri", "category")} for r in rows)
+        f.write("BAD,/x.jpg,bottles,one field too many\n")  # read whole, this line failed the read
+    with pytest.raises(TrainDataError, match="no usable manifest rows match the filter \\(categories=\\['spaceship'\\]\\)"):
+        train_adapter(_cfg(catalog, tiny_models, out, manifest=str(as_csv), categories=("spaceship",)))
+    assert not [p for p in out.rglob("*") if p.is_file()]
     # A selected row whose image is missing is named, with what to do.
     rows = [json.loads(line) for line in catalog.read_text().splitlines()]
     rows[2]["image_uri"] = str(tmp_path / "gone.jpg")
@@ -98,7 +110,7 @@ def test_bad_training_inputs_are_refused_before_any_training(ray_session, tmp_pa
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(TrainDataError, match=f"1 of 6 selected rows cannot be used \\({rows[2]['sku']} at fetch: .*--skip-bad-rows"):
         train_adapter(_cfg(catalog, tiny_models, out, manifest=str(bad)))
-    assert not out.exists() and not (tmp_path / "adapter.checkpoints").exists()
+    assert not [p for p in out.rglob("*") if p.is_file()] and not (tmp_path / "adapter.checkpoints").exists()
 
 
 def test_a_training_is_submitted_as_a_ray_job_with_a_checked_command_line():
