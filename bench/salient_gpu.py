@@ -41,7 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from ops.matte import fuse, mask_confidence  # noqa: E402
 from ops.models import builtin_path  # noqa: E402
-from ops.salient_models import Pass, SalientModel  # noqa: E402
+from ops.salient_models import Pass, SalientModel, escalated_pass_maps  # noqa: E402
 from ops.salient_runtime import OrtRunner, read_graph  # noqa: E402
 
 ESCALATE = 0.95  # remove_background's default escalate_below
@@ -59,16 +59,9 @@ def recipe_passes(model: SalientModel) -> list[Pass]:
 
 
 def escalated_maps(model: SalientModel, photos: list[np.ndarray]) -> tuple[list[list[np.ndarray]], int]:
-    """remove_background's look-then-escalate, as ops/background.py runs it; (maps, looks)."""
-    passes = recipe_passes(model)
-    first = Pass(model.sizes_for((1.0,))[0], False)
-    maps = [[m[0]] for m in model.predict(photos, [first], SIDE)]
-    unsure = [k for k, m in enumerate(maps) if mask_confidence(m[0]) < ESCALATE]
-    rest = [p for p in passes if p != first]
-    if unsure:
-        for k, more in zip(unsure, model.predict([photos[k] for k in unsure], rest, SIDE)):
-            maps[k] = [maps[k][0], *more]
-    return maps, len(photos) + len(unsure) * len(rest)
+    """remove_background's look-then-escalate (ops/background.py runs the same function); (maps, looks)."""
+    run = escalated_pass_maps(model, photos, recipe_passes(model), ESCALATE)
+    return run.maps, run.looks
 
 
 def timed(fn, repeats: int) -> dict:

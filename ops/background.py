@@ -20,7 +20,7 @@ from ops.base import Batch, Item, Op, OpConfig, OpInputError, batch_of, has_mask
 from ops.matte import Matte, drop_islands, fuse, mask_confidence, to_matte
 from ops.models import ModelError, ModelInfo
 from ops.registry import register
-from ops.salient_models import Pass, SalientModel, infer_model_type
+from ops.salient_models import Pass, SalientModel, escalated_pass_maps, infer_model_type
 
 MASK_CONFIDENCE = "score_mask_confidence"
 
@@ -118,20 +118,7 @@ class RemoveBackground(Op):
         cases: on the real photos of ../shared/segmentation, escalating below 0.95 kept the
         full ensemble's IoU and gate rates at ~60% of its cost; below 0.9 it cost a third but
         the gate caught fewer bad cutouts (docs/benchmarks.md)."""
-        c = self.config
-        side = self._model.spec.size
-        if c.escalate_below is None or len(self._passes) == 1:
-            return self._model.predict(images, self._passes, side)
-        first = Pass(self._model.sizes_for((1.0,))[0], False)
-        maps = [[m[0]] for m in self._model.predict(images, [first], side)]
-        unsure = [k for k, m in enumerate(maps) if mask_confidence(m[0]) < c.escalate_below]
-        rest = [p for p in self._passes if p != first]
-        if unsure and rest:
-            for k, more in zip(unsure, self._model.predict([images[k] for k in unsure], rest, side)):
-                by_pass = dict(zip([first, *rest], [maps[k][0], *more]))
-                # In the recipe's pass order, so the average is the every-pass one bit for bit.
-                maps[k] = [by_pass[p] for p in self._passes] if first in self._passes else list(by_pass.values())
-        return maps
+        return escalated_pass_maps(self._model, images, self._passes, self.config.escalate_below).maps
 
     def _mattes(self, images: list[np.ndarray]) -> list[Matte]:
         """A matte per image from its passes' maps, in batched model calls."""

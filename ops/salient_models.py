@@ -23,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ops.matte import mask_confidence
 from ops.models import BUILTIN_MODELS, ModelError, is_builtin
 from ops.salient_frames import DeviceFrames, host_frame
 from ops.salient_runtime import Backend, open_runner
@@ -191,3 +192,28 @@ class SalientModel:
 def _minmax(prob: np.ndarray) -> np.ndarray:
     lo, hi = float(prob.min()), float(prob.max())
     return (prob - lo) / (hi - lo) if hi - lo > 1e-6 else np.zeros_like(prob)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassMaps:
+    maps: list[list[np.ndarray]]  # per image, a probability map per pass, in the passes' order
+    looks: int  # model inferences it took (what segmentation costs)
+
+
+def escalated_pass_maps(model, images: list[np.ndarray], passes: list[Pass], escalate_below: float | None) -> PassMaps:
+    """Each image's maps for `passes`. With `escalate_below`, one look at the model's own size
+    first, and the other passes only for images whose first map's confidence is under it
+    (None: every pass for every image)."""
+    side = model.spec.size
+    if escalate_below is None or len(passes) == 1:
+        return PassMaps(model.predict(images, passes, side), len(images) * len(passes))
+    first = Pass(model.sizes_for((1.0,))[0], False)
+    maps = [[m[0]] for m in model.predict(images, [first], side)]
+    unsure = [k for k, m in enumerate(maps) if mask_confidence(m[0]) < escalate_below]
+    rest = [p for p in passes if p != first]
+    if unsure and rest:
+        for k, more in zip(unsure, model.predict([images[k] for k in unsure], rest, side)):
+            by_pass = dict(zip([first, *rest], [maps[k][0], *more]))
+            # In the recipe's pass order, so the average is the every-pass one bit for bit.
+            maps[k] = [by_pass[p] for p in passes] if first in passes else list(by_pass.values())
+    return PassMaps(maps, len(images) + (len(unsure) * len(rest) if rest else 0))

@@ -16,7 +16,7 @@ from ops.background import MASK_CONFIDENCE, RemoveBackground
 from ops.base import NO_MASK, Item, OpConfigError, OpInputError, identity_affine
 from ops.metrics import iou
 from ops.models import BUILTIN_MODELS, BuiltinModel, ModelError, ModelInfo, builtin_path, describe_local, local_model
-from ops.salient_models import infer_model_type
+from ops.salient_models import escalated_pass_maps, infer_model_type
 from pipelines.sample_catalog import render_product
 from tests.conftest import SHARED, upload
 from tests.tiny_models import save_tiny_salient_onnx
@@ -223,6 +223,9 @@ def test_only_photos_the_first_look_is_unsure_about_get_every_pass():
     out = op.apply_items([_item(clear), _item(sheet)])
     # One look each, then the other five passes for the contact sheet only.
     assert seen == [2, len(op._passes) - 1], seen
+    # The looks it reports (what bench/salient_gpu.py counts) are the inferences it ran.
+    seen.clear()
+    assert escalated_pass_maps(op._model, [clear, sheet], op._passes, 0.95).looks == sum(seen) == 2 + len(op._passes) - 1
     every = RemoveBackground({"escalate_below": None})
     full = every.apply(_item(sheet))
     assert np.array_equal(out[1].mask, full.mask) and out[1].scores[MASK_CONFIDENCE] == full.scores[MASK_CONFIDENCE]
