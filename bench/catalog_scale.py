@@ -103,11 +103,16 @@ def _write_image(path: Path, photo: np.ndarray, stamp: int) -> None:
     cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
-def write_catalog_in_child(out: Path, count: int) -> Path:
-    """write_catalog in a spawned child process: rendering the templates would otherwise leave
-    the measured process's RSS (the driver's) inflated by ~115 KB per template (~170 MB at 30k)."""
+def write_catalog_in_child(out: Path, count: int, fmt: str = "jsonl") -> Path:
+    """write_catalog (then `as_format`) in a spawned child process: rendering the templates, or
+    pyarrow's memory pool after the conversion, would otherwise leave the measured process's
+    RSS (the driver's) inflated (~115 KB per template, ~170 MB at 30k)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(write_catalog, out, count).result()
+        return pool.submit(_write_as, out, count, fmt).result()
+
+
+def _write_as(out: Path, count: int, fmt: str) -> Path:
+    return as_format(write_catalog(out, count), fmt)
 
 
 def as_format(manifest: Path, fmt: str) -> Path:
@@ -168,7 +173,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     for count in args.counts:
         t0 = time.perf_counter()
-        manifest = as_format(write_catalog_in_child(work / f"cat-{count}", count), args.manifest_format)
+        manifest = write_catalog_in_child(work / f"cat-{count}", count, args.manifest_format)
         print(f"{count} skus: catalog written in {time.perf_counter() - t0:.0f}s", flush=True)
         base = dict(manifest=str(manifest), recipes=(args.recipe,), output=str(work / f"runs-{count}"), cpu_batch_size=args.batch_size)
         if args.part_rows:
