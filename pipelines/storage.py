@@ -202,10 +202,16 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig, content_type: str = "
             raise StorageError(f"could not write {uri}: {exc}") from None
         return
     path = Path(uri.removeprefix("file://")).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp = _temp_beside(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)  # readers never see a half-written file
+
+
+def _temp_beside(path: Path) -> Path:
+    """A temp file name next to `path` (its folder made), unique to this process and thread:
+    written, then renamed onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 class StreamingUpload:
@@ -230,8 +236,7 @@ class StreamingUpload:
                 raise StorageError(f"could not start writing {uri}: {exc}") from None
         else:
             self._path = Path(uri.removeprefix("file://")).expanduser()
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = self._path.with_name(f".{self._path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            self._tmp = _temp_beside(self._path)
             self._file = self._tmp.open("wb")
 
     def write(self, data: bytes) -> None:
