@@ -218,8 +218,7 @@ def run_catalog(cfg: RunConfig) -> RunSummary:
     release_finished_passes()
     rows, folded = dedupe_repeated_rows(rows, duplicates)
     t_exec = time.perf_counter() - t0
-    summary = _summarise(rows, run_id, run_prefix, time.perf_counter() - t0, attempt)
-    release_finished_passes()
+    summary = _summarise(rows, run_id, run_prefix, time.perf_counter() - t0, attempt)  # releases its own pass
     summary.duplicate_rows = folded
     if summary.error_rate > cfg.max_error_rate:
         raise RunFailed(

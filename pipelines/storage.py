@@ -282,10 +282,14 @@ class StreamingUpload:
         return self
 
     def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()  # a failed last part or completion leaves no open upload behind
+            raise
 
 
 def exists(uri: str, cfg: StorageConfig) -> bool:
